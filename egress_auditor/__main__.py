@@ -1,0 +1,3 @@
+from egress_auditor.cli import main
+
+main()

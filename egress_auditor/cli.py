@@ -1,0 +1,155 @@
+"""The command line: trace, list, doctor; and the Go tool's flag-only form."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from egress_auditor import __version__, host
+from egress_auditor.errors import AuditorError, UsageError
+from egress_auditor.plugins import registered, select
+
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="See which outbound connections a host makes, and write the firewall rules that allow exactly those.",
+)
+
+TRACE_EPILOG = """Examples:\n
+  sudo egress-auditor trace --duration 60 > rules.sh\n
+  sudo egress-auditor trace -t 5m -O iptables:verbose:2\n
+  sudo egress-auditor trace -O iptables:format:restore -O iptables:policy:drop > rules.v4\n
+  sudo egress-auditor -i ebpf -o iptables -O iptables:verbose:2   (the Go tool's form)"""
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise UsageError(
+            f"invalid duration {text!r}: use seconds (60) or a number with s, m or h (90s, 5m, 1h)"
+        )
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"egress-auditor {__version__}")
+        raise typer.Exit()
+
+
+def _list(value: bool) -> None:
+    if value:
+        list_plugins()
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    list_: bool = typer.Option(False, "-l", "--list", callback=_list, is_eager=True,
+                               help="List input and output plugins with their options."),
+) -> None:
+    """See which outbound connections a host makes, and write the rules that allow them."""
+
+
+@app.command(epilog=TRACE_EPILOG)
+def trace(
+    duration: str | None = typer.Option(None, "--duration", "-t", help="Stop after this long: 60, 90s, 5m, 1h."),
+    count: int | None = typer.Option(None, "--count", "-C", min=1, help="Stop after N connections."),
+    inputs: list[str] = typer.Option([], "--input", "-i", help="Input plugin (repeatable); default ebpf."),
+    outputs: list[str] = typer.Option([], "--output", "-o", help="Output plugin (repeatable); default iptables."),
+    input_options: list[str] = typer.Option([], "--input-option", "-I", help="plugin:key:value for an input."),
+    output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
+    no_live: bool = typer.Option(False, "--no-live", help="One line per new flow on stderr instead of the live table."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Watch new outbound connections; print the rules that allow them on exit."""
+    from egress_auditor.flows import FlowTable
+    from egress_auditor.live import LiveTable, PlainLog
+    from egress_auditor.trace import TraceRun
+
+    seconds = parse_duration(duration) if duration is not None else None
+    input_sel = select("input", inputs, input_options, default="ebpf")
+    output_sel = select("output", outputs, output_options, default="iptables")
+    table = FlowTable()
+    console = Console(stderr=True)
+    display = PlainLog(sys.stderr) if no_live or not console.is_terminal else LiveTable(console, table)
+    run = TraceRun(inputs=input_sel.create(), outputs=output_sel.create(), display=display,
+                   duration=seconds, count=count, table=table)
+    raise typer.Exit(run.run())
+
+
+def list_plugins() -> None:
+    for kind in ("input", "output"):
+        flag = "-I" if kind == "input" else "-O"
+        print(f"{kind}s (choose with -{kind[0]}, options with {flag} plugin:key:value):")
+        for plugin in registered(kind).values():
+            print(f"  {plugin.name}: {plugin.description}")
+            for option in plugin.options:
+                choices = f" [{'|'.join(option.choices)}]" if option.choices else ""
+                default = option.default if option.default != "" else "(none)"
+                print(f"      {plugin.name}:{option.key}{choices}  default {default}: {option.help}")
+            if plugin.example:
+                print(f"      example: egress-auditor trace {plugin.example}")
+        print()
+
+
+@app.command("list")
+def list_command() -> None:
+    """List input and output plugins with their options and an example."""
+    list_plugins()
+
+
+@app.command()
+def doctor() -> None:
+    """Show what this host offers and lacks for egress-auditor, with fixes."""
+    results = host.checks()
+    table = Table(title="egress-auditor doctor")
+    for column in ("check", "state", "detail", "fix"):
+        table.add_column(column)
+    for check in results:
+        state = "ok" if check.ok else ("MISSING" if check.required else "absent (optional)")
+        table.add_row(check.name, state, check.detail, "" if check.ok else check.fix)
+    Console().print(table)
+    if any(c.required and not c.ok for c in results):
+        raise typer.Exit(1)
+
+
+LEGACY_PASSTHROUGH = {"-h", "--help", "--version", "-l", "--list"}
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """The Go tool had no subcommands: `egress-auditor -i ebpf ...` means trace."""
+    if argv and argv[0].startswith("-") and argv[0] not in LEGACY_PASSTHROUGH:
+        return ["trace", *argv]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args
+    try:
+        app(args, prog_name="egress-auditor", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        print(f"egress-auditor: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except AuditorError as exc:
+        if debug:
+            raise
+        print(f"egress-auditor: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_status)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,71 @@
+"""Escaping of hostile text (process names, command lines) for each target.
+
+Each function is the only way text from a process reaches its target, and each
+has property tests in tests/unit/test_escape.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+# Characters that mean nothing special to sh inside double quotes, to the
+# iptables-restore tokenizer, or to nft inside a quoted string.
+_RULE_SAFE = re.compile(r"[A-Za-z0-9 _.,:/@+=()\[\]-]")
+COMMENT_MAX = 255  # xt_comment keeps at most 255 bytes
+
+
+def _percent(ch: str) -> str:
+    return "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogateescape"))
+
+
+def rule_comment(text: str, limit: int = COMMENT_MAX) -> str:
+    """Text safe inside a double-quoted rule comment, in sh and in iptables-restore.
+
+    Anything outside a small safe set becomes %XX (so `"` is %22, a newline %0A):
+    the result never holds a quote, backslash, dollar, backtick or control byte.
+    """
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        piece = ch if _RULE_SAFE.fullmatch(ch) else _percent(ch)
+        if size + len(piece) > limit:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+def comment_line(text: str) -> str:
+    """Text safe after `#` on one line of a shell script or a rules file.
+
+    Printable ASCII stays; control characters, non-ASCII (bidi overrides,
+    escape sequences) and `%` become %XX, so the line can neither end early
+    nor steer a terminal that later shows the file.
+    """
+    return "".join(
+        ch if (" " <= ch <= "~" and ch != "%") else _percent(ch) for ch in text
+    )
+
+
+_TERMINAL_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]"
+)
+
+
+def terminal_text(text: str) -> str:
+    """Text that shows as itself on a terminal: control characters and
+    invisible or direction-changing code points become \\xNN or \\uNNNN.
+    The result still needs rich.markup.escape or rich.text.Text to be
+    kept out of markup parsing; live.py only builds Text objects."""
+
+    def visible(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _TERMINAL_UNSAFE.sub(visible, text.replace("\\", "\\\\"))
+
+
+def shell_word(text: str) -> str:
+    """One shell word that sh reads back as exactly `text` (no NUL allowed)."""
+    return shlex.quote(text.replace("\x00", ""))

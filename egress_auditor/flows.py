@@ -1,0 +1,49 @@
+"""FlowTable: merges connections into flows, with counts folded from the kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from egress_auditor.model import Connection, Flow, FlowKey
+
+
+def flow_key(conn: Connection) -> FlowKey:
+    return FlowKey(conn.protocol, conn.family, conn.dst, conn.dport, conn.uid, conn.comm)
+
+
+class FlowTable:
+    def __init__(self) -> None:
+        self._flows: dict[FlowKey, Flow] = {}
+
+    def add(self, conn: Connection) -> tuple[Flow, bool]:
+        """Record a connection; returns its flow and whether the flow is new."""
+        key = flow_key(conn)
+        flow = self._flows.get(key)
+        is_new = flow is None
+        if flow is None:
+            flow = self._flows[key] = Flow(key, conn.time, conn.time)
+        flow.add(conn)
+        return flow, is_new
+
+    def set_kernel_count(self, key: FlowKey, count: int, last_seen: float) -> None:
+        """Fold the count the kernel keeps for a flow (it only grows)."""
+        flow = self._flows.get(key)
+        if flow is not None:
+            flow.count = max(flow.count, count)
+            flow.last_seen = max(flow.last_seen, last_seen)
+
+    def get(self, key: FlowKey) -> Flow | None:
+        return self._flows.get(key)
+
+    def __contains__(self, key: FlowKey) -> bool:
+        return key in self._flows
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(sorted(self._flows.values(), key=lambda f: f.key))
+
+    @property
+    def connects(self) -> int:
+        return sum(f.count for f in self._flows.values())

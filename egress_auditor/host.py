@@ -1,0 +1,170 @@
+"""What this host offers: privileges, BCC, headers, tracefs, hooks, binaries.
+
+Used by `doctor`, by the eBPF input to choose its attach path, and to turn a
+missing piece into one line that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+TRACEPOINTS = (("sock", "inet_sock_set_state"),)
+KPROBE_FUNCTIONS = ("tcp_v4_connect", "tcp_v6_connect")
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+_BPF_MAP_TYPE_RINGBUF = 27
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def has_bpf_privileges() -> bool:
+    caps = effective_capabilities()
+    if caps & (1 << CAP_SYS_ADMIN):
+        return True
+    return bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON))
+
+
+def bcc_importable() -> bool:
+    return importlib.util.find_spec("bcc") is not None
+
+
+def kernel_headers_dir() -> Path | None:
+    build = Path("/lib/modules") / os.uname().release / "build"
+    return build if (build / "include").is_dir() else None
+
+
+def tracefs() -> Path | None:
+    for path in TRACEFS_CANDIDATES:
+        if (path / "events").is_dir():
+            return path
+    return None
+
+
+def mount_tracefs() -> Path | None:
+    """Mount tracefs where the kernel documents it; None if that fails."""
+    target = TRACEFS_CANDIDATES[0]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tracefs", str(target).encode(), b"tracefs", 0, None) != 0:
+        return None
+    return tracefs()
+
+
+def tracepoint_exists(category: str, event: str) -> bool:
+    root = tracefs()
+    return root is not None and (root / "events" / category / event / "format").exists()
+
+
+def kernel_has_kprobes() -> bool:
+    """The kprobe PMU (what BCC attaches through) exists only with CONFIG_KPROBES."""
+    return Path("/sys/bus/event_source/devices/kprobe/type").exists()
+
+
+def kernel_function_exists(name: str) -> bool:
+    try:
+        with open("/proc/kallsyms", encoding="ascii", errors="replace") as symbols:
+            return any(line.split()[2] == name for line in symbols if line.count(" ") >= 2)
+    except OSError:
+        return False
+
+
+def kprobes_usable() -> tuple[bool, str]:
+    if not kernel_has_kprobes():
+        return False, "the kernel has no kprobes (CONFIG_KPROBES not set)"
+    missing = [f for f in KPROBE_FUNCTIONS if not kernel_function_exists(f)]
+    if missing:
+        return False, f"kernel functions not found: {', '.join(missing)}"
+    return True, "kprobes on " + " / ".join(KPROBE_FUNCTIONS)
+
+
+def ringbuf_supported() -> bool:
+    """Create (and close) a BPF ring buffer map: the kernel's own answer (5.8+)."""
+    number = _SYS_BPF.get(platform.machine())
+    if number is None:
+        return False
+    attr = (ctypes.c_uint32 * 30)()  # union bpf_attr, zeroed past the fields set
+    attr[0], attr[1], attr[2], attr[3] = _BPF_MAP_TYPE_RINGBUF, 0, 0, 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(number, 0, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+def headers_fix() -> str:
+    release = os.uname().release
+    return (
+        f"apt-get install linux-headers-{release} (or, on a kernel without its own "
+        f"package, link /lib/modules/{release}/build to an installed "
+        "/usr/src/linux-headers-* tree)"
+    )
+
+
+def environment_problem() -> str | None:
+    """The first thing that stops the eBPF input, as one line with its fix."""
+    if not has_bpf_privileges():
+        return "needs root or CAP_BPF and CAP_PERFMON: run it with sudo"
+    if not bcc_importable():
+        return (
+            "BCC's Python bindings are not importable: apt-get install python3-bpfcc "
+            "and use /usr/bin/python3 (or a venv made with --system-site-packages)"
+        )
+    if kernel_headers_dir() is None:
+        return "no kernel headers for BCC: " + headers_fix()
+    return None
+
+
+def checks() -> list[Check]:
+    privileged = has_bpf_privileges()
+    root = tracefs()
+    kprobes_ok, kprobes_detail = kprobes_usable()
+    result = [
+        Check("root or CAP_BPF+CAP_PERFMON", privileged,
+              "yes" if privileged else f"uid {os.geteuid()}, capabilities missing",
+              "run as root: sudo egress-auditor ..."),
+        Check("BCC Python bindings", bcc_importable(), "import bcc",
+              "apt-get install python3-bpfcc (and use a venv with --system-site-packages)"),
+        Check("kernel headers", kernel_headers_dir() is not None,
+              str(kernel_headers_dir() or f"/lib/modules/{os.uname().release}/build missing"),
+              headers_fix()),
+        Check("tracefs", root is not None, str(root or "not mounted"),
+              "mount -t tracefs tracefs /sys/kernel/tracing"),
+        Check("kprobes", kprobes_ok, kprobes_detail,
+              "none needed: the tracepoint path is used instead", required=False),
+    ]
+    for category, event in TRACEPOINTS:
+        exists = tracepoint_exists(category, event)
+        result.append(Check(f"tracepoint {category}:{event}", exists,
+                            "present" if exists else "absent or tracefs not mounted",
+                            "mount tracefs; the kernel needs CONFIG_TRACEPOINTS (4.16+)",
+                            required=not kprobes_ok))
+    if privileged:
+        ring = ringbuf_supported()
+        result.append(Check("BPF ring buffer", ring, "yes" if ring else "no (kernel before 5.8)",
+                            "none needed: the perf buffer is used instead", required=False))
+    for binary in ("iptables", "ip6tables", "iptables-restore", "nft"):
+        path = shutil.which(binary)
+        result.append(Check(f"{binary} binary", path is not None, path or "not found",
+                            "apt-get install iptables nftables", required=False))
+    return result

@@ -1,0 +1,108 @@
+"""What the user watches on stderr: a live rich table, or one line per new flow."""
+
+from __future__ import annotations
+
+import time
+from typing import IO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from egress_auditor.escape import terminal_text
+from egress_auditor.flows import FlowTable
+from egress_auditor.model import Connection, Flow, Protocol
+from egress_auditor.services import port_label
+
+
+def endpoint(address: object, port: int, protocol: Protocol, named: bool = False) -> str:
+    host = f"[{address}]" if ":" in str(address) else str(address)
+    label = port_label(port, protocol) if named else str(port)
+    return f"{host}:{label}"
+
+
+def new_flow_line(conn: Connection) -> str:
+    """`new TCP connection 10.0.0.2:40112 -> 10.0.0.1:443(https) by curl`, escaped."""
+    src = endpoint(conn.src, conn.sport, conn.protocol) if conn.src and conn.sport else (
+        str(conn.src) if conn.src else "?")
+    user = conn.process.user or str(conn.uid)
+    return (f"new {conn.protocol.name} connection {src} -> "
+            f"{endpoint(conn.dst, conn.dport, conn.protocol, named=True)} by "
+            f"{terminal_text(conn.process.name)} (pid {conn.pid or '?'}, user {terminal_text(user)})")
+
+
+class PlainLog:
+    """One line per new flow, for logs and pipes."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def start(self, status: dict[str, str]) -> None:
+        pass
+
+    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
+        if is_new:
+            print(new_flow_line(conn), file=self.stream, flush=True)
+
+    def refresh(self, status: dict[str, str]) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(seconds))
+
+
+class LiveTable:
+    """A rich table, one row per flow, redrawn a few times a second."""
+
+    MAX_ROWS = 200
+
+    def __init__(self, console: Console, table: FlowTable) -> None:
+        self.console = console
+        self.flows = table
+        self.status: dict[str, str] = {}
+        self.live: Live | None = None
+
+    def start(self, status: dict[str, str]) -> None:
+        self.status = status
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4,
+                         transient=False, redirect_stdout=False, redirect_stderr=False)
+        self.live.start()
+
+    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
+        pass  # the table is redrawn from the flow table on refresh
+
+    def refresh(self, status: dict[str, str]) -> None:
+        self.status = status
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render(), refresh=True)
+            self.live.stop()
+            self.live = None
+
+    def _render(self) -> Group:
+        header = Text(" | ".join(f"{k}: {v}" for k, v in self.status.items()), style="bold")
+        table = Table(expand=False, show_lines=False)
+        for column in ("process", "user", "proto", "destination", "count", "first seen", "last seen"):
+            table.add_column(column, justify="right" if column == "count" else "left")
+        flows = sorted(self.flows, key=lambda f: f.last_seen, reverse=True)
+        for flow in flows[: self.MAX_ROWS]:
+            key = flow.key
+            process = next(iter(flow.processes.values()), None)
+            name = process.name if process else key.comm
+            user = (process.user if process and process.user else None) or str(key.uid)
+            table.add_row(
+                Text(terminal_text(name)), Text(terminal_text(user)), key.protocol.name,
+                Text(endpoint(key.dst, key.dport, key.protocol, named=True)),
+                str(flow.count), _clock(flow.first_seen), _clock(flow.last_seen),
+            )
+        if len(flows) > self.MAX_ROWS:
+            table.caption = f"{len(flows) - self.MAX_ROWS} older flows not shown"
+        return Group(header, table)

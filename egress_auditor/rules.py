@@ -1,0 +1,47 @@
+"""Rules: what a firewall output renders, one per (protocol, destination, port)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from egress_auditor.model import Family, Flow, IPAddress, Process, Protocol
+
+
+@dataclass(frozen=True)
+class Rule:
+    protocol: Protocol
+    family: Family
+    dst: IPAddress
+    dport: int
+    processes: tuple[Process, ...]
+    first_seen: float
+    last_seen: float
+    count: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted({p.name for p in self.processes}))
+
+
+def _process_order(process: Process) -> tuple[str, str, int]:
+    return (process.name, process.command_line, process.pid)
+
+
+def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
+    """Merge flows that differ only in uid or process into one rule each; sorted."""
+    grouped: dict[tuple[Protocol, Family, IPAddress, int], list[Flow]] = {}
+    for flow in flows:
+        k = flow.key
+        grouped.setdefault((k.protocol, k.family, k.dst, k.dport), []).append(flow)
+    rules = []
+    for (protocol, family, dst, dport), members in grouped.items():
+        processes = {p for f in members for p in f.processes.values()}
+        rules.append(Rule(
+            protocol=protocol, family=family, dst=dst, dport=dport,
+            processes=tuple(sorted(processes, key=_process_order)),
+            first_seen=min(f.first_seen for f in members),
+            last_seen=max(f.last_seen for f in members),
+            count=sum(f.count for f in members),
+        ))
+    return sorted(rules, key=lambda r: (r.family, r.dst, r.protocol, r.dport))
