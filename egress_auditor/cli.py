@@ -34,9 +34,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 def parse_duration(text: str) -> float:
     match = _DURATION.match(text)
     if not match or float(match.group(1)) <= 0:
-        raise UsageError(
-            f"invalid duration {text!r}: use seconds (60) or a number with s, m or h (90s, 5m, 1h)"
-        )
+        raise UsageError(f"invalid duration {text!r}: use seconds (60) or a number with s, m or h (90s, 5m, 1h)")
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
 
 
@@ -55,8 +53,9 @@ def _list(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
-    list_: bool = typer.Option(False, "-l", "--list", callback=_list, is_eager=True,
-                               help="List input and output plugins with their options."),
+    list_: bool = typer.Option(
+        False, "-l", "--list", callback=_list, is_eager=True, help="List input and output plugins with their options."
+    ),
 ) -> None:
     """See which outbound connections a host makes, and write the rules that allow them."""
 
@@ -83,8 +82,14 @@ def trace(
     table = FlowTable()
     console = Console(stderr=True)
     display = PlainLog(sys.stderr) if no_live or not console.is_terminal else LiveTable(console, table)
-    run = TraceRun(inputs=input_sel.create(), outputs=output_sel.create(), display=display,
-                   duration=seconds, count=count, table=table)
+    run = TraceRun(
+        inputs=input_sel.create(),
+        outputs=output_sel.create(),
+        display=display,
+        duration=seconds,
+        count=count,
+        table=table,
+    )
     raise typer.Exit(run.run())
 
 

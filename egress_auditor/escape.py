@@ -43,14 +43,10 @@ def comment_line(text: str) -> str:
     escape sequences) and `%` become %XX, so the line can neither end early
     nor steer a terminal that later shows the file.
     """
-    return "".join(
-        ch if (" " <= ch <= "~" and ch != "%") else _percent(ch) for ch in text
-    )
+    return "".join(ch if (" " <= ch <= "~" and ch != "%") else _percent(ch) for ch in text)
 
 
-_TERMINAL_UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]"
-)
+_TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 
 
 def terminal_text(text: str) -> str:

@@ -140,31 +140,60 @@ def checks() -> list[Check]:
     root = tracefs()
     kprobes_ok, kprobes_detail = kprobes_usable()
     result = [
-        Check("root or CAP_BPF+CAP_PERFMON", privileged,
-              "yes" if privileged else f"uid {os.geteuid()}, capabilities missing",
-              "run as root: sudo egress-auditor ..."),
-        Check("BCC Python bindings", bcc_importable(), "import bcc",
-              "apt-get install python3-bpfcc (and use a venv with --system-site-packages)"),
-        Check("kernel headers", kernel_headers_dir() is not None,
-              str(kernel_headers_dir() or f"/lib/modules/{os.uname().release}/build missing"),
-              headers_fix()),
-        Check("tracefs", root is not None, str(root or "not mounted"),
-              "mount -t tracefs tracefs /sys/kernel/tracing"),
-        Check("kprobes", kprobes_ok, kprobes_detail,
-              "none needed: the tracepoint path is used instead", required=False),
+        Check(
+            "root or CAP_BPF+CAP_PERFMON",
+            privileged,
+            "yes" if privileged else f"uid {os.geteuid()}, capabilities missing",
+            "run as root: sudo egress-auditor ...",
+        ),
+        Check(
+            "BCC Python bindings",
+            bcc_importable(),
+            "import bcc",
+            "apt-get install python3-bpfcc (and use a venv with --system-site-packages)",
+        ),
+        Check(
+            "kernel headers",
+            kernel_headers_dir() is not None,
+            str(kernel_headers_dir() or f"/lib/modules/{os.uname().release}/build missing"),
+            headers_fix(),
+        ),
+        Check("tracefs", root is not None, str(root or "not mounted"), "mount -t tracefs tracefs /sys/kernel/tracing"),
+        Check(
+            "kprobes", kprobes_ok, kprobes_detail, "none needed: the tracepoint path is used instead", required=False
+        ),
     ]
     for category, event in TRACEPOINTS:
         exists = tracepoint_exists(category, event)
-        result.append(Check(f"tracepoint {category}:{event}", exists,
-                            "present" if exists else "absent or tracefs not mounted",
-                            "mount tracefs; the kernel needs CONFIG_TRACEPOINTS (4.16+)",
-                            required=not kprobes_ok))
+        result.append(
+            Check(
+                f"tracepoint {category}:{event}",
+                exists,
+                "present" if exists else "absent or tracefs not mounted",
+                "mount tracefs; the kernel needs CONFIG_TRACEPOINTS (4.16+)",
+                required=not kprobes_ok,
+            )
+        )
     if privileged:
         ring = ringbuf_supported()
-        result.append(Check("BPF ring buffer", ring, "yes" if ring else "no (kernel before 5.8)",
-                            "none needed: the perf buffer is used instead", required=False))
+        result.append(
+            Check(
+                "BPF ring buffer",
+                ring,
+                "yes" if ring else "no (kernel before 5.8)",
+                "none needed: the perf buffer is used instead",
+                required=False,
+            )
+        )
     for binary in ("iptables", "ip6tables", "iptables-restore", "nft"):
         path = shutil.which(binary)
-        result.append(Check(f"{binary} binary", path is not None, path or "not found",
-                            "apt-get install iptables nftables", required=False))
+        result.append(
+            Check(
+                f"{binary} binary",
+                path is not None,
+                path or "not found",
+                "apt-get install iptables nftables",
+                required=False,
+            )
+        )
     return result

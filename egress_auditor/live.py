@@ -24,12 +24,17 @@ def endpoint(address: object, port: int, protocol: Protocol, named: bool = False
 
 def new_flow_line(conn: Connection) -> str:
     """`new TCP connection 10.0.0.2:40112 -> 10.0.0.1:443(https) by curl`, escaped."""
-    src = endpoint(conn.src, conn.sport, conn.protocol) if conn.src and conn.sport else (
-        str(conn.src) if conn.src else "?")
+    src = (
+        endpoint(conn.src, conn.sport, conn.protocol)
+        if conn.src and conn.sport
+        else (str(conn.src) if conn.src else "?")
+    )
     user = conn.process.user or str(conn.uid)
-    return (f"new {conn.protocol.name} connection {src} -> "
-            f"{endpoint(conn.dst, conn.dport, conn.protocol, named=True)} by "
-            f"{terminal_text(conn.process.name)} (pid {conn.pid or '?'}, user {terminal_text(user)})")
+    return (
+        f"new {conn.protocol.name} connection {src} -> "
+        f"{endpoint(conn.dst, conn.dport, conn.protocol, named=True)} by "
+        f"{terminal_text(conn.process.name)} (pid {conn.pid or '?'}, user {terminal_text(user)})"
+    )
 
 
 class PlainLog:
@@ -69,8 +74,14 @@ class LiveTable:
 
     def start(self, status: dict[str, str]) -> None:
         self.status = status
-        self.live = Live(self._render(), console=self.console, refresh_per_second=4,
-                         transient=False, redirect_stdout=False, redirect_stderr=False)
+        self.live = Live(
+            self._render(),
+            console=self.console,
+            refresh_per_second=4,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self.live.start()
 
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
@@ -99,9 +110,13 @@ class LiveTable:
             name = process.name if process else key.comm
             user = (process.user if process and process.user else None) or str(key.uid)
             table.add_row(
-                Text(terminal_text(name)), Text(terminal_text(user)), key.protocol.name,
+                Text(terminal_text(name)),
+                Text(terminal_text(user)),
+                key.protocol.name,
                 Text(endpoint(key.dst, key.dport, key.protocol, named=True)),
-                str(flow.count), _clock(flow.first_seen), _clock(flow.last_seen),
+                str(flow.count),
+                _clock(flow.first_seen),
+                _clock(flow.last_seen),
             )
         if len(flows) > self.MAX_ROWS:
             table.caption = f"{len(flows) - self.MAX_ROWS} older flows not shown"

@@ -28,15 +28,11 @@ class Option:
 
     def parse(self, plugin: str, value: str) -> Any:
         if self.choices and value not in self.choices:
-            raise UsageError(
-                f"invalid value {value!r} for {plugin}:{self.key}; valid: {', '.join(self.choices)}"
-            )
+            raise UsageError(f"invalid value {value!r} for {plugin}:{self.key}; valid: {', '.join(self.choices)}")
         try:
             return self.convert(value)
         except (ValueError, TypeError) as exc:
-            raise UsageError(
-                f"invalid value {value!r} for {plugin}:{self.key}; expected {self.valid or exc}"
-            ) from None
+            raise UsageError(f"invalid value {value!r} for {plugin}:{self.key}; expected {self.valid or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -87,8 +83,9 @@ class Selection:
         return [self.plugins[name].factory(opts) for name, opts in self.chosen.items()]
 
 
-def select(kind: str, names: Sequence[str], options: Iterable[str], default: str,
-           available: dict[str, Plugin] | None = None) -> Selection:
+def select(
+    kind: str, names: Sequence[str], options: Iterable[str], default: str, available: dict[str, Plugin] | None = None
+) -> Selection:
     """Validate `-i/-o NAME` and `-I/-O plugin:key:value` for one plugin kind."""
     plugins = registered(kind) if available is None else available
     flag = "-I" if kind == "input" else "-O"
@@ -109,6 +106,8 @@ def select(kind: str, names: Sequence[str], options: Iterable[str], default: str
             raise UsageError(f"unknown {kind} plugin {name!r} in {flag} {text!r}; valid: {', '.join(plugins)}")
         option = plugins[name].option(key)
         if name not in chosen:
-            raise UsageError(f"{flag} {text!r} is for {kind} {name!r}, which is not selected (add {flag.lower()} {name})")
+            raise UsageError(
+                f"{flag} {text!r} is for {kind} {name!r}, which is not selected (add {flag.lower()} {name})"
+            )
         chosen[name][key] = option.parse(name, value)
     return Selection(kind, chosen, plugins)

@@ -39,8 +39,7 @@ class ProcessResolver:
         found = self._lookup(pid, at, self._ancestors)
         if found is not None:
             return found
-        return Process(pid=pid, name=comm, uid=uid, user=user_name(uid),
-                       attribution=Attribution.NAME_ONLY)
+        return Process(pid=pid, name=comm, uid=uid, user=user_name(uid), attribution=Attribution.NAME_ONLY)
 
     def _lookup(self, pid: int, at: float, ancestors: int) -> Process | None:
         if pid <= 0:
@@ -79,6 +78,14 @@ class ProcessResolver:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
         parent = self._lookup(ppid, started, ancestors - 1) if ancestors > 0 else None
-        return Process(pid=proc.pid, name=name, uid=uid, user=user_name(uid), exe=exe,
-                       cmdline=cmdline, start_time=started, parent=parent,
-                       attribution=Attribution.PROC)
+        return Process(
+            pid=proc.pid,
+            name=name,
+            uid=uid,
+            user=user_name(uid),
+            exe=exe,
+            cmdline=cmdline,
+            start_time=started,
+            parent=parent,
+            attribution=Attribution.PROC,
+        )

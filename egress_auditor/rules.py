@@ -37,11 +37,16 @@ def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
     rules = []
     for (protocol, family, dst, dport), members in grouped.items():
         processes = {p for f in members for p in f.processes.values()}
-        rules.append(Rule(
-            protocol=protocol, family=family, dst=dst, dport=dport,
-            processes=tuple(sorted(processes, key=_process_order)),
-            first_seen=min(f.first_seen for f in members),
-            last_seen=max(f.last_seen for f in members),
-            count=sum(f.count for f in members),
-        ))
+        rules.append(
+            Rule(
+                protocol=protocol,
+                family=family,
+                dst=dst,
+                dport=dport,
+                processes=tuple(sorted(processes, key=_process_order)),
+                first_seen=min(f.first_seen for f in members),
+                last_seen=max(f.last_seen for f in members),
+                count=sum(f.count for f in members),
+            )
+        )
     return sorted(rules, key=lambda r: (r.family, r.dst, r.protocol, r.dport))

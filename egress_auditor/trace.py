@@ -88,9 +88,14 @@ class TraceRun:
         s = self.stats()
         elapsed = now - self._started
         remaining = f"{max(0.0, self.duration - elapsed):.0f}s" if self.duration else "until ctrl-c"
-        return {"attach": "; ".join(self._attach), "elapsed": f"{elapsed:.0f}s",
-                "remaining": remaining, "flows": str(len(self.table)),
-                "connections": str(max(s.connects, self.table.connects)), "lost events": str(s.events_lost)}
+        return {
+            "attach": "; ".join(self._attach),
+            "elapsed": f"{elapsed:.0f}s",
+            "remaining": remaining,
+            "flows": str(len(self.table)),
+            "connections": str(max(s.connects, self.table.connects)),
+            "lost events": str(s.events_lost),
+        }
 
     # -- the run -------------------------------------------------------------
     def run(self) -> int:
@@ -99,8 +104,10 @@ class TraceRun:
         try:
             for source in self.inputs:
                 self._attach.append(f"{source.name}: {source.open()}")
-                print(f"egress-auditor: {source.name} input attached: {self._attach[-1].split(': ', 1)[1]}",
-                      file=self.stderr)
+                print(
+                    f"egress-auditor: {source.name} input attached: {self._attach[-1].split(': ', 1)[1]}",
+                    file=self.stderr,
+                )
             self._started = time.time()
             print(RUNNING_LINE, file=self.stderr, flush=True)
             running = True
@@ -163,10 +170,16 @@ class TraceRun:
         self.display.refresh(status)
         self.display.stop()
         self._close_inputs()
-        summary = Summary(started=self._started, ended=ended, host=socket.gethostname(),
-                          inputs=[s.name for s in self.inputs], attach="; ".join(self._attach) or "none",
-                          connects=max(stats.connects, self.table.connects),
-                          events_lost=stats.events_lost, map_full=stats.map_full)
+        summary = Summary(
+            started=self._started,
+            ended=ended,
+            host=socket.gethostname(),
+            inputs=[s.name for s in self.inputs],
+            attach="; ".join(self._attach) or "none",
+            connects=max(stats.connects, self.table.connects),
+            events_lost=stats.events_lost,
+            map_full=stats.map_full,
+        )
         flows: list[Flow] = list(self.table)
         texts: list[str] = []
         for sink in self.outputs:
@@ -175,6 +188,10 @@ class TraceRun:
         self.stdout.write("".join(texts))
         self.stdout.flush()
         reason = {"duration": "duration reached", "count": "count reached"}.get(
-            self._stop_reason or "", self._stop_reason or "stopped")
-        print(f"egress-auditor: stopped ({reason}): {len(flows)} flows, {summary.connects} connections, "
-              f"{summary.events_lost} events lost", file=self.stderr)
+            self._stop_reason or "", self._stop_reason or "stopped"
+        )
+        print(
+            f"egress-auditor: stopped ({reason}): {len(flows)} flows, {summary.connects} connections, "
+            f"{summary.events_lost} events lost",
+            file=self.stderr,
+        )

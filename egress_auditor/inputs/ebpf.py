@@ -40,9 +40,7 @@ class AttachPlan:
 
     def describe(self) -> str:
         hook = (
-            "kprobes tcp_v4_connect/tcp_v6_connect"
-            if self.path == "kprobe"
-            else "tracepoint sock:inet_sock_set_state"
+            "kprobes tcp_v4_connect/tcp_v6_connect" if self.path == "kprobe" else "tracepoint sock:inet_sock_set_state"
         )
         return f"{hook}, {'ring buffer' if self.buffer == 'ringbuf' else 'perf buffer'} ({self.reason})"
 
@@ -57,7 +55,9 @@ def plan_attach(probe: str, buffer: str) -> AttachPlan:
         path, reason = "kprobe", "asked for kprobes"
     elif probe == "tracepoint":
         if not tracepoint_ok:
-            raise AuditorError("-I ebpf:probe:tracepoint: sock:inet_sock_set_state not found (kernel 4.16+ and tracefs needed)")
+            raise AuditorError(
+                "-I ebpf:probe:tracepoint: sock:inet_sock_set_state not found (kernel 4.16+ and tracefs needed)"
+            )
         path, reason = "tracepoint", "asked for the tracepoint"
     elif kprobes_ok:
         path, reason = "kprobe", "auto: the kernel has kprobes"
@@ -105,7 +105,9 @@ class EbpfInput:
         mounted = ""
         if host.tracefs() is None and self.options["probe"] != "kprobe":
             if host.mount_tracefs() is None:
-                raise AuditorError("tracefs is not mounted and could not be: mount -t tracefs tracefs /sys/kernel/tracing")
+                raise AuditorError(
+                    "tracefs is not mounted and could not be: mount -t tracefs tracefs /sys/kernel/tracing"
+                )
             mounted = "; mounted tracefs at /sys/kernel/tracing"
         self.plan = plan_attach(self.options["probe"], self.options["buffer"])
         from bcc import BPF  # imported late: `list` and `doctor` work without BCC
@@ -128,8 +130,7 @@ class EbpfInput:
             if self.plan.buffer == "ringbuf":
                 events.open_ring_buffer(self._on_event)
             else:
-                events.open_perf_buffer(self._on_event, page_cnt=self.options["pages"],
-                                        lost_cb=self._on_perf_lost)
+                events.open_perf_buffer(self._on_event, page_cnt=self.options["pages"], lost_cb=self._on_perf_lost)
         except Exception as exc:  # BCC raises bare Exception for compile and attach failures
             raise AuditorError(f"could not load the BPF program ({self.plan.describe()}): {exc}") from exc
         self._perf_lost = 0
@@ -197,9 +198,23 @@ class EbpfInput:
             last = value.last_ns / 1e9 + self._epoch_offset
             if kbytes not in self._announced:
                 self._announced.add(kbytes)
-                emit(Connection(time=first, protocol=Protocol(key.protocol), family=family, src=None,
-                                sport=0, dst=dst, dport=key.dport, pid=0, uid=key.uid, gid=-1,
-                                comm=comm, input=self.name, process=Process(pid=0, name=comm, uid=key.uid)))
+                emit(
+                    Connection(
+                        time=first,
+                        protocol=Protocol(key.protocol),
+                        family=family,
+                        src=None,
+                        sport=0,
+                        dst=dst,
+                        dport=key.dport,
+                        pid=0,
+                        uid=key.uid,
+                        gid=-1,
+                        comm=comm,
+                        input=self.name,
+                        process=Process(pid=0, name=comm, uid=key.uid),
+                    )
+                )
             on_count(FlowKey(Protocol(key.protocol), family, dst, key.dport, key.uid, comm), value.count, last)
 
     def _flow_items(self) -> list[tuple[Any, Any]]:
@@ -229,14 +244,32 @@ PLUGIN = Plugin(
     "or the sock:inet_sock_set_state tracepoint; repeats counted in the kernel.",
     factory=EbpfInput,
     options=(
-        Option("probe", "attach path: auto picks kprobes when the kernel has them, else the tracepoint",
-               "auto", ("auto", "kprobe", "tracepoint")),
-        Option("buffer", "event buffer: auto picks the ring buffer when the kernel has it (5.8+)",
-               "auto", ("auto", "ringbuf", "perf")),
-        Option("max_flows", "flows the kernel map holds; beyond that each connect is sent to user space and counted",
-               "65536", convert=positive_int, valid="a positive whole number"),
-        Option("pages", "pages of the event buffer (a power of two)", "64",
-               convert=lambda v: _power_of_two(v), valid="a power of two, e.g. 64"),
+        Option(
+            "probe",
+            "attach path: auto picks kprobes when the kernel has them, else the tracepoint",
+            "auto",
+            ("auto", "kprobe", "tracepoint"),
+        ),
+        Option(
+            "buffer",
+            "event buffer: auto picks the ring buffer when the kernel has it (5.8+)",
+            "auto",
+            ("auto", "ringbuf", "perf"),
+        ),
+        Option(
+            "max_flows",
+            "flows the kernel map holds; beyond that each connect is sent to user space and counted",
+            "65536",
+            convert=positive_int,
+            valid="a positive whole number",
+        ),
+        Option(
+            "pages",
+            "pages of the event buffer (a power of two)",
+            "64",
+            convert=lambda v: _power_of_two(v),
+            valid="a power of two, e.g. 64",
+        ),
     ),
     example="-i ebpf -I ebpf:probe:tracepoint",
 )

@@ -46,8 +46,10 @@ def describe_rule(rule: Rule, verbose: int) -> list[str]:
     """The `#` lines above a rule, already escaped for a comment line."""
     if verbose <= 0:
         return []
-    lines = [f"{rule.protocol.name} to {rule.dst} port {rule.dport}: {rule.count} connection(s), "
-             f"first {_stamp(rule.first_seen)}, last {_stamp(rule.last_seen)}"]
+    lines = [
+        f"{rule.protocol.name} to {rule.dst} port {rule.dport}: {rule.count} connection(s), "
+        f"first {_stamp(rule.first_seen)}, last {_stamp(rule.last_seen)}"
+    ]
     for process in rule.processes:
         lines.append(f"  {_who(process)}")
         if verbose >= 2:
@@ -55,14 +57,15 @@ def describe_rule(rule: Rule, verbose: int) -> list[str]:
                 lines.append(f"    command line: {process.command_line}")
             parent = process.parent
             if parent is not None:
-                lines.append(f"    Parent of this process was {parent.name} running as "
-                             f"{parent.user or parent.uid}")
+                lines.append(f"    Parent of this process was {parent.name} running as {parent.user or parent.uid}")
                 if parent.cmdline:
                     lines.append(f"    parent command line: {parent.command_line}")
                 if parent.parent is not None:
                     grand = parent.parent
-                    lines.append(f"    Grandparent was {grand.name} running as {grand.user or grand.uid}"
-                                 + (f": {grand.command_line}" if grand.cmdline else ""))
+                    lines.append(
+                        f"    Grandparent was {grand.name} running as {grand.user or grand.uid}"
+                        + (f": {grand.command_line}" if grand.cmdline else "")
+                    )
     return ["# " + comment_line(line) for line in lines]
 
 
@@ -71,8 +74,9 @@ def rule_spec(rule: Rule) -> str:
     proto = rule.protocol.name.lower()
     prefix = 32 if rule.family is Family.IPV4 else 128
     comment = rule_comment(", ".join(rule.names))
-    return (f'-d {rule.dst}/{prefix} -p {proto} -m {proto} --dport {rule.dport} '
-            f'-m comment --comment "{comment}" -j ACCEPT')
+    return (
+        f'-d {rule.dst}/{prefix} -p {proto} -m {proto} --dport {rule.dport} -m comment --comment "{comment}" -j ACCEPT'
+    )
 
 
 def render_commands(rules: list[Rule], summary: Summary, verbose: int, drop: bool) -> str:
@@ -97,10 +101,15 @@ def render_commands(rules: list[Rule], summary: Summary, verbose: int, drop: boo
 
 def render_restore(rules: list[Rule], summary: Summary, family: Family, verbose: int, drop: bool) -> str:
     policy = "DROP" if drop else "ACCEPT"
-    lines = [*("# " + comment_line(h) for h in header_lines(summary)),
-             f"# {family.label} rules for {'ip6tables' if family is Family.IPV6 else 'iptables'}-restore",
-             "*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", f":OUTPUT {policy} [0:0]",
-             f"-A OUTPUT {ESTABLISHED}"]
+    lines = [
+        *("# " + comment_line(h) for h in header_lines(summary)),
+        f"# {family.label} rules for {'ip6tables' if family is Family.IPV6 else 'iptables'}-restore",
+        "*filter",
+        ":INPUT ACCEPT [0:0]",
+        ":FORWARD ACCEPT [0:0]",
+        f":OUTPUT {policy} [0:0]",
+        f"-A OUTPUT {ESTABLISHED}",
+    ]
     if family is Family.IPV6:
         lines.extend(f"-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT" for ndp in NDP_TYPES)
     for rule in rules:
@@ -156,14 +165,31 @@ PLUGIN = Plugin(
     description="iptables rules allowing what was seen: shell commands, or iptables-restore files",
     factory=IptablesOutput,
     options=(
-        Option("format", "commands: iptables/ip6tables command lines; restore: an iptables-restore "
-               "file of the IPv4 rules on stdout", "commands", ("commands", "restore")),
-        Option("verbose", "0: rules only; 1: # lines naming each process and its user; "
-               "2: also command lines and parents", "0", ("0", "1", "2"), convert=int),
-        Option("policy", "drop: also set a default DROP policy on OUTPUT (after allowing replies)",
-               "accept", ("accept", "drop")),
-        Option("dir", "also write DIR/rules.v4 and DIR/rules.v6 in restore format "
-               "(the layout iptables-persistent loads)", "", valid="a directory"),
+        Option(
+            "format",
+            "commands: iptables/ip6tables command lines; restore: an iptables-restore file of the IPv4 rules on stdout",
+            "commands",
+            ("commands", "restore"),
+        ),
+        Option(
+            "verbose",
+            "0: rules only; 1: # lines naming each process and its user; 2: also command lines and parents",
+            "0",
+            ("0", "1", "2"),
+            convert=int,
+        ),
+        Option(
+            "policy",
+            "drop: also set a default DROP policy on OUTPUT (after allowing replies)",
+            "accept",
+            ("accept", "drop"),
+        ),
+        Option(
+            "dir",
+            "also write DIR/rules.v4 and DIR/rules.v6 in restore format (the layout iptables-persistent loads)",
+            "",
+            valid="a directory",
+        ),
     ),
     example="-o iptables -O iptables:verbose:2",
 )
