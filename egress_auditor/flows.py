@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 
 from egress_auditor.model import Connection, Flow, FlowKey
@@ -14,6 +15,7 @@ def flow_key(conn: Connection) -> FlowKey:
 class FlowTable:
     def __init__(self) -> None:
         self._flows: dict[FlowKey, Flow] = {}
+        self._connects = 0  # kept as it changes: the display asks for it often
 
     def add(self, conn: Connection) -> tuple[Flow, bool]:
         """Record a connection; returns its flow and whether the flow is new."""
@@ -23,13 +25,16 @@ class FlowTable:
         if flow is None:
             flow = self._flows[key] = Flow(key, conn.time, conn.time)
         flow.add(conn)
+        self._connects += conn.repeats
         return flow, is_new
 
     def set_kernel_count(self, key: FlowKey, count: int, last_seen: float) -> None:
         """Fold the count the kernel keeps for a flow (it only grows)."""
         flow = self._flows.get(key)
+        if flow is not None and count > flow.count:
+            self._connects += count - flow.count
+            flow.count = count
         if flow is not None:
-            flow.count = max(flow.count, count)
             flow.last_seen = max(flow.last_seen, last_seen)
 
     def get(self, key: FlowKey) -> Flow | None:
@@ -44,6 +49,10 @@ class FlowTable:
     def __iter__(self) -> Iterator[Flow]:
         return iter(sorted(self._flows.values(), key=lambda f: f.key))
 
+    def recent(self, limit: int) -> list[Flow]:
+        """The `limit` flows seen most recently, newest first."""
+        return heapq.nlargest(limit, self._flows.values(), key=lambda f: f.last_seen)
+
     @property
     def connects(self) -> int:
-        return sum(f.count for f in self._flows.values())
+        return self._connects

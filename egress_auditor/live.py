@@ -65,12 +65,14 @@ class LiveTable:
     """A rich table, one row per flow, redrawn a few times a second."""
 
     MAX_ROWS = 200
+    REDRAW_S = 0.25
 
     def __init__(self, console: Console, table: FlowTable) -> None:
         self.console = console
         self.flows = table
         self.status: dict[str, str] = {}
         self.live: Live | None = None
+        self._drawn = 0.0
 
     def start(self, status: dict[str, str]) -> None:
         self.status = status
@@ -89,7 +91,9 @@ class LiveTable:
 
     def refresh(self, status: dict[str, str]) -> None:
         self.status = status
-        if self.live is not None:
+        now = time.monotonic()
+        if self.live is not None and now - self._drawn >= self.REDRAW_S:
+            self._drawn = now
             self.live.update(self._render())
 
     def stop(self) -> None:
@@ -103,8 +107,7 @@ class LiveTable:
         table = Table(expand=False, show_lines=False)
         for column in ("process", "user", "proto", "destination", "count", "first seen", "last seen"):
             table.add_column(column, justify="right" if column == "count" else "left")
-        flows = sorted(self.flows, key=lambda f: f.last_seen, reverse=True)
-        for flow in flows[: self.MAX_ROWS]:
+        for flow in self.flows.recent(self.MAX_ROWS):
             key = flow.key
             process = next(iter(flow.processes.values()), None)
             name = process.name if process else key.comm
@@ -118,6 +121,6 @@ class LiveTable:
                 _clock(flow.first_seen),
                 _clock(flow.last_seen),
             )
-        if len(flows) > self.MAX_ROWS:
-            table.caption = f"{len(flows) - self.MAX_ROWS} older flows not shown"
+        if len(self.flows) > self.MAX_ROWS:
+            table.caption = f"{len(self.flows) - self.MAX_ROWS} older flows not shown"
         return Group(header, table)

@@ -138,8 +138,11 @@ class TraceRun:
             for source in self.inputs:
                 source.poll(POLL_S / len(self.inputs), self._receive)
             if time.monotonic() >= next_sync:
+                began = time.monotonic()
                 self._sync()
-                next_sync = time.monotonic() + SYNC_S
+                # Reading a large kernel map costs: never spend more than a tenth of the time on it.
+                cost = time.monotonic() - began
+                next_sync = time.monotonic() + max(SYNC_S, 10 * cost)
             if self.count is not None and self._connects() >= self.count:
                 self._stop_reason = "count"
             self.display.refresh(self.status(time.time()))
