@@ -26,6 +26,7 @@ class Family(enum.IntEnum):
 class Attribution(str, enum.Enum):
     """How the process behind a connection was identified."""
 
+    KERNEL = "kernel"  # from process lineage recorded in the kernel (exec/fork/exit)
     PROC = "proc"  # read from /proc while the process was alive
     NAME_ONLY = "name-only"  # the process had exited: only what the kernel gave
 
@@ -43,6 +44,9 @@ class Process:
     start_time: float | None = None
     parent: Process | None = None
     attribution: Attribution = Attribution.NAME_ONLY
+    gid: int | None = None
+    cgroup: str | None = None  # cgroup v2 path, e.g. /system.slice/nginx.service
+    service: str | None = None  # systemd unit or container, derived from the cgroup
 
     @property
     def command_line(self) -> str:
@@ -67,6 +71,9 @@ class Connection:
     input: str
     process: Process
     repeats: int = 1  # connects this event stands for
+    tid: int = 0  # the thread that connected (0: unknown)
+    cgroup_id: int = 0  # the kernel's cgroup v2 id of the connecting task (0: unknown)
+    hostname: str | None = None  # the DNS name asked for that gave dst, when known
 
 
 @dataclass(frozen=True, order=True)
@@ -89,6 +96,7 @@ class Flow:
     count: int = 0
     processes: dict[tuple[int, float | None], Process] = field(default_factory=dict)
     inputs: set[str] = field(default_factory=set)
+    hostnames: set[str] = field(default_factory=set)
 
     def add(self, conn: Connection) -> None:
         self.first_seen = min(self.first_seen, conn.time)
@@ -96,6 +104,8 @@ class Flow:
         self.count += conn.repeats
         self.processes.setdefault((conn.process.pid, conn.process.start_time), conn.process)
         self.inputs.add(conn.input)
+        if conn.hostname:
+            self.hostnames.add(conn.hostname)
 
 
 @dataclass
