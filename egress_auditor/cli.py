@@ -14,6 +14,15 @@ from egress_auditor import __version__, host
 from egress_auditor.errors import AuditorError, UsageError
 from egress_auditor.plugins import registered, select
 
+try:  # typer 0.2x vendors click: its exceptions are not click's own
+    from typer._click import exceptions as _typer_click
+except ImportError:  # older typer raises click's exceptions
+    _typer_click = click.exceptions
+CLICK_ERRORS = (click.ClickException, _typer_click.ClickException)
+USAGE_ERRORS = (click.UsageError, _typer_click.UsageError)
+EXITS = (click.exceptions.Exit, typer.Exit)
+ABORTS = (click.exceptions.Abort, typer.Abort)
+
 app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
@@ -143,14 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     args = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     try:
-        app(args, prog_name="egress-auditor", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        # Without standalone mode, typer.Exit(code) comes back as the return value.
+        status = app(args, prog_name="egress-auditor", standalone_mode=False)
+    except EXITS as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except ABORTS:
         sys.exit(130)
-    except click.ClickException as exc:
+    except CLICK_ERRORS as exc:
         print(f"egress-auditor: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        sys.exit(2 if isinstance(exc, USAGE_ERRORS) else exc.exit_code)
     except AuditorError as exc:
         if debug:
             raise
@@ -158,3 +168,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_status)
     except KeyboardInterrupt:
         sys.exit(130)
+    if isinstance(status, int) and status:
+        sys.exit(status)

@@ -36,14 +36,31 @@ def rule_comment(text: str, limit: int = COMMENT_MAX) -> str:
     return "".join(out)
 
 
-def comment_line(text: str) -> str:
+# iptables-restore reads a line in 10240-byte pieces and parses the rest of a
+# longer `#` line as a rule, so comment lines stay well below that.
+COMMENT_LINE_MAX = 4000
+_CUT = "..."
+
+
+def comment_line(text: str, limit: int = COMMENT_LINE_MAX) -> str:
     """Text safe after `#` on one line of a shell script or a rules file.
 
     Printable ASCII stays; control characters, non-ASCII (bidi overrides,
     escape sequences) and `%` become %XX, so the line can neither end early
-    nor steer a terminal that later shows the file.
+    nor steer a terminal that later shows the file. Longer than `limit`, it
+    is cut and ends in "...".
     """
-    return "".join(ch if (" " <= ch <= "~" and ch != "%") else _percent(ch) for ch in text)
+    pieces = [ch if (" " <= ch <= "~" and ch != "%") else _percent(ch) for ch in text]
+    if sum(map(len, pieces)) <= limit:
+        return "".join(pieces)
+    out: list[str] = []
+    size = len(_CUT)
+    for piece in pieces:
+        if size + len(piece) > limit:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out) + _CUT
 
 
 _TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")

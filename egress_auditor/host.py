@@ -56,8 +56,11 @@ def kernel_headers_dir() -> Path | None:
 
 def tracefs() -> Path | None:
     for path in TRACEFS_CANDIDATES:
-        if (path / "events").is_dir():
-            return path
+        try:
+            if (path / "events").is_dir():
+                return path
+        except OSError:  # EACCES for a non-root user: is_dir() only hides ENOENT
+            continue
     return None
 
 

@@ -24,8 +24,9 @@ class Rule:
         return tuple(sorted({p.name for p in self.processes}))
 
 
-def _process_order(process: Process) -> tuple[str, str, int]:
-    return (process.name, process.command_line, process.pid)
+def _process_order(process: Process) -> tuple[str, str, int, str]:
+    # repr breaks ties (same name and pid, other user): set order varies with the hash seed.
+    return (process.name, process.command_line, process.pid, repr(process))
 
 
 def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:

@@ -9,8 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netns import Link, Namespace, link, namespace  # noqa: E402
-
+from netns import Link, Namespace, link, namespace
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"
 
