@@ -18,10 +18,17 @@ class Rule:
     first_seen: float
     last_seen: float
     count: int
+    hostnames: tuple[str, ...] = ()  # DNS names that led to dst, sorted
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(sorted({p.name for p in self.processes}))
+
+
+def comment_text(rule: Rule) -> str:
+    """What a rule's comment says, before escaping: `curl, wget svc.example.com`."""
+    text = ", ".join(rule.names)
+    return f"{text} {', '.join(rule.hostnames)}" if rule.hostnames else text
 
 
 def _process_order(process: Process) -> tuple[str, str, int, str]:
@@ -48,6 +55,7 @@ def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
                 first_seen=min(f.first_seen for f in members),
                 last_seen=max(f.last_seen for f in members),
                 count=sum(f.count for f in members),
+                hostnames=tuple(sorted({h for f in members for h in f.hostnames})),
             )
         )
     return sorted(rules, key=lambda r: (r.family, r.dst, r.protocol, r.dport))

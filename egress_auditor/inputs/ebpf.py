@@ -27,9 +27,20 @@ STAT_CONNECTS, STAT_EVENTS_LOST, STAT_MAP_FULL = 0, 1, 2
 def bpf_source_dir() -> Path:
     """bpf/ beside the package (checkout, editable install) or shipped inside it."""
     for candidate in (BPF_DIR, Path(__file__).resolve().parent.parent.parent / "bpf"):
-        if (candidate / "tcp_connect.bpf.c").exists():
+        if (candidate / "flow_map.bpf.c").exists():
             return candidate
     raise AuditorError(f"BPF sources not found (looked in {BPF_DIR})")
+
+
+def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
+    """One compile unit: the shared flow map first, then each program in use.
+
+    BCC rewrites map calls and builds tracepoint argument structs only in its
+    main text, so the pieces are joined, not #included.
+    """
+    src = src or bpf_source_dir()
+    parts = [f'#line 1 "{name}"\n' + (src / name).read_text() for name in ("flow_map.bpf.c", *pieces)]
+    return "\n".join(parts).encode()
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ class EbpfInput:
         if self.plan.buffer == "ringbuf":
             cflags.append("-DEA_USE_RINGBUF")
         try:
-            self.bpf = BPF(src_file=str(src / "tcp_connect.bpf.c").encode(), cflags=cflags)
+            self.bpf = BPF(text=program_text(("tcp_connect.bpf.c",), src), cflags=cflags)
             if self.plan.path == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
@@ -138,6 +149,7 @@ class EbpfInput:
         return self.plan.describe() + mounted
 
     def _on_perf_lost(self, lost: int) -> None:
+        # Not added to stats(): the failed perf_submit already counted each of these in the kernel.
         self._perf_lost += lost
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
@@ -229,7 +241,7 @@ class EbpfInput:
             return InputStats()
         table = self.bpf["stats"]
         counters = [int(table.sum(slot).value) for slot in (STAT_CONNECTS, STAT_EVENTS_LOST, STAT_MAP_FULL)]
-        return InputStats(connects=counters[0], events_lost=counters[1] + self._perf_lost, map_full=counters[2])
+        return InputStats(connects=counters[0], events_lost=counters[1], map_full=counters[2])
 
     def close(self) -> None:
         if self.bpf is not None:

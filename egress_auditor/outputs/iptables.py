@@ -12,7 +12,7 @@ from egress_auditor import __version__
 from egress_auditor.escape import comment_line, rule_comment
 from egress_auditor.model import Connection, Family, Flow, Process, Summary
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.rules import Rule, rules_from_flows
+from egress_auditor.rules import Rule, comment_text, rules_from_flows
 
 ESTABLISHED = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
 # Without neighbour discovery a DROP policy cuts IPv6 off entirely.
@@ -50,6 +50,8 @@ def describe_rule(rule: Rule, verbose: int) -> list[str]:
         f"{rule.protocol.name} to {rule.dst} port {rule.dport}: {rule.count} connection(s), "
         f"first {_stamp(rule.first_seen)}, last {_stamp(rule.last_seen)}"
     ]
+    if rule.hostnames:
+        lines.append(f"  asked for as: {', '.join(rule.hostnames)}")
     for process in rule.processes:
         lines.append(f"  {_who(process)}")
         if verbose >= 2:
@@ -73,7 +75,7 @@ def rule_spec(rule: Rule) -> str:
     """The match and target of a rule, shared by both formats."""
     proto = rule.protocol.name.lower()
     prefix = 32 if rule.family is Family.IPV4 else 128
-    comment = rule_comment(", ".join(rule.names))
+    comment = rule_comment(comment_text(rule))
     return (
         f'-d {rule.dst}/{prefix} -p {proto} -m {proto} --dport {rule.dport} -m comment --comment "{comment}" -j ACCEPT'
     )
