@@ -49,4 +49,30 @@ struct ea_connect_event {
     char comm[16];
 };
 
+/* DNS answers seen arriving at local sockets (bpf/dns.bpf.c). */
+#ifndef EA_DNS_MAX
+#define EA_DNS_MAX 1024 /* a power of two: up to EA_DNS_MAX - 1 bytes of a DNS message are copied */
+#endif
+
+/* Who owns a socket that talks to port 53, recorded when it connects or sends. */
+struct ea_dns_owner {
+    u32 pid;
+    u32 uid;
+    char comm[16];
+};
+
+struct ea_dns_event {
+    u64 ts_ns;
+    u64 cookie;    /* socket cookie of the receiving socket */
+    u32 pid;       /* owner of that socket, 0 when unknown */
+    u32 uid;
+    char comm[16];
+    u16 len;       /* bytes in data */
+    u16 msg_len;   /* length of the whole DNS message, when known */
+    u8 family;
+    u8 protocol;
+    u8 _pad[2];
+    u8 data[EA_DNS_MAX];
+};
+
 #endif

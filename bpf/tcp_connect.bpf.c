@@ -3,105 +3,9 @@
  *   EA_PATH_KPROBE      kprobes on tcp_v4_connect / tcp_v6_connect
  *   EA_PATH_TRACEPOINT  sock:inet_sock_set_state, CLOSE -> SYN_SENT
  * Output: EA_USE_RINGBUF selects the ring buffer, else a perf buffer.
+ * Follows flow_map.bpf.c in one compile unit.
  * Only stable interfaces are read: tracepoint fields, helpers and uapi
  * sockaddr structs, never struct sock (its layout varies by kernel build). */
-#include <uapi/linux/ptrace.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/in6.h>
-#include <linux/socket.h>
-#include "events.h"
-
-#ifndef EA_MAX_FLOWS
-#define EA_MAX_FLOWS 65536
-#endif
-#ifndef EA_RINGBUF_PAGES
-#define EA_RINGBUF_PAGES 64
-#endif
-
-BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
-BPF_PERCPU_ARRAY(stats, u64, EA_STAT_SLOTS);
-#ifdef EA_USE_RINGBUF
-BPF_RINGBUF_OUTPUT(events, EA_RINGBUF_PAGES);
-#else
-BPF_PERF_OUTPUT(events);
-#endif
-
-static __always_inline void count_stat(int slot)
-{
-    u64 *value = stats.lookup(&slot);
-    if (value)
-        (*value)++;
-}
-
-/* IPv4-mapped IPv6 (::ffff:a.b.c.d) leaves the host as IPv4: key it so. */
-static __always_inline int is_v4_mapped(const u8 *a)
-{
-    return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 &&
-           a[5] == 0 && a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 &&
-           a[10] == 0xff && a[11] == 0xff;
-}
-
-static __always_inline void emit(void *ctx, struct ea_connect_event *ev)
-{
-#ifdef EA_USE_RINGBUF
-    if (events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
-        count_stat(EA_STAT_EVENTS_LOST);
-#else
-    if (events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
-        count_stat(EA_STAT_EVENTS_LOST);
-#endif
-}
-
-/* Count the connect in its flow; only a flow's first connect (or any
- * connect while the map is full) crosses to user space. */
-static __always_inline void record_connect(void *ctx, struct ea_connect_event *ev)
-{
-    struct ea_flow_key key = {};
-    struct ea_flow_stats *known;
-    u64 now = bpf_ktime_get_ns();
-    u64 id = bpf_get_current_pid_tgid();
-    u64 ids = bpf_get_current_uid_gid();
-
-    count_stat(EA_STAT_CONNECTS);
-    ev->ts_ns = now;
-    ev->pid = id >> 32;
-    ev->tid = (u32)id;
-    ev->uid = (u32)ids;
-    ev->gid = ids >> 32;
-    ev->cgroup_id = bpf_get_current_cgroup_id();
-    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
-
-    __builtin_memcpy(key.daddr, ev->daddr, sizeof(key.daddr));
-    key.uid = ev->uid;
-    key.dport = ev->dport;
-    key.family = ev->family;
-    key.protocol = ev->protocol;
-    __builtin_memcpy(key.comm, ev->comm, sizeof(key.comm));
-
-    known = flows.lookup(&key);
-    if (known) {
-        __sync_fetch_and_add(&known->count, 1);
-        known->last_ns = now;
-        return;
-    }
-    struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now};
-    int err = flows.insert(&key, &fresh);
-    if (err == 0) {
-        ev->flags = EA_EVENT_NEW_FLOW;
-        emit(ctx, ev);
-        return;
-    }
-    /* Another CPU inserted the same flow first. */
-    known = flows.lookup(&key);
-    if (known) {
-        __sync_fetch_and_add(&known->count, 1);
-        known->last_ns = now;
-        return;
-    }
-    count_stat(EA_STAT_MAP_FULL);
-    ev->flags = EA_EVENT_MAP_FULL;
-    emit(ctx, ev);
-}
 
 #ifdef EA_PATH_TRACEPOINT
 #define EA_TCP_CLOSE 7
@@ -114,6 +18,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         return 0;
     if (args->oldstate != EA_TCP_CLOSE || args->newstate != EA_TCP_SYN_SENT)
         return 0;
+#ifdef EA_UDP_SYSCALLS
+    mark_tcp_connect();
+#endif
 
     struct ea_connect_event ev = {};
     ev.protocol = IPPROTO_TCP;
@@ -151,6 +58,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 int trace_v4(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len)
 {
     struct sockaddr_in sin = {};
+#ifdef EA_UDP_SYSCALLS
+    mark_tcp_connect();
+#endif
     if (addr_len < (int)sizeof(sin))
         return 0;
     bpf_probe_read_kernel(&sin, sizeof(sin), uaddr);
@@ -168,6 +78,9 @@ int trace_v4(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len
 int trace_v6(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len)
 {
     struct sockaddr_in6 sin6 = {};
+#ifdef EA_UDP_SYSCALLS
+    mark_tcp_connect();
+#endif
     if (addr_len < (int)sizeof(sin6))
         return 0;
     bpf_probe_read_kernel(&sin6, sizeof(sin6), uaddr);

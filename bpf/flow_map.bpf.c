@@ -1,0 +1,135 @@
+/* The flow map, statistics and event buffer shared by every connect
+ * program (TCP and UDP). User space compiles one object from this piece
+ * followed by the programs in use (BCC rewrites map calls only in its main
+ * text, so the pieces are joined rather than #included). */
+#include <uapi/linux/ptrace.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
+#include <linux/socket.h>
+#include "events.h"
+
+#ifndef EA_MAX_FLOWS
+#define EA_MAX_FLOWS 65536
+#endif
+#ifndef EA_RINGBUF_PAGES
+#define EA_RINGBUF_PAGES 64
+#endif
+
+BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
+BPF_PERCPU_ARRAY(stats, u64, EA_STAT_SLOTS);
+#ifdef EA_USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, EA_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+static __always_inline void count_stat(int slot)
+{
+    u64 *value = stats.lookup(&slot);
+    if (value)
+        (*value)++;
+}
+
+/* IPv4-mapped IPv6 (::ffff:a.b.c.d) leaves the host as IPv4: key it so. */
+static __always_inline int is_v4_mapped(const u8 *a)
+{
+    return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 &&
+           a[5] == 0 && a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 &&
+           a[10] == 0xff && a[11] == 0xff;
+}
+
+static __always_inline void emit(void *ctx, struct ea_connect_event *ev)
+{
+#ifdef EA_USE_RINGBUF
+    if (events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+        count_stat(EA_STAT_EVENTS_LOST);
+#else
+    if (events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
+        count_stat(EA_STAT_EVENTS_LOST);
+#endif
+}
+
+/* Count the connect in its flow; only a flow's first connect (or any
+ * connect while the map is full) crosses to user space. */
+static __always_inline void record_connect(void *ctx, struct ea_connect_event *ev)
+{
+    struct ea_flow_key key = {};
+    struct ea_flow_stats *known;
+    u64 now = bpf_ktime_get_ns();
+    u64 id = bpf_get_current_pid_tgid();
+    u64 ids = bpf_get_current_uid_gid();
+
+    count_stat(EA_STAT_CONNECTS);
+    ev->ts_ns = now;
+    ev->pid = id >> 32;
+    ev->tid = (u32)id;
+    ev->uid = (u32)ids;
+    ev->gid = ids >> 32;
+    ev->cgroup_id = bpf_get_current_cgroup_id();
+    bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+
+    __builtin_memcpy(key.daddr, ev->daddr, sizeof(key.daddr));
+    key.uid = ev->uid;
+    key.dport = ev->dport;
+    key.family = ev->family;
+    key.protocol = ev->protocol;
+    __builtin_memcpy(key.comm, ev->comm, sizeof(key.comm));
+
+    known = flows.lookup(&key);
+    if (known) {
+        __sync_fetch_and_add(&known->count, 1);
+        known->last_ns = now;
+        return;
+    }
+    struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now};
+    int err = flows.insert(&key, &fresh);
+    if (err == 0) {
+        ev->flags = EA_EVENT_NEW_FLOW;
+        emit(ctx, ev);
+        return;
+    }
+    /* Another CPU inserted the same flow first. */
+    known = flows.lookup(&key);
+    if (known) {
+        __sync_fetch_and_add(&known->count, 1);
+        known->last_ns = now;
+        return;
+    }
+    count_stat(EA_STAT_MAP_FULL);
+    ev->flags = EA_EVENT_MAP_FULL;
+    emit(ctx, ev);
+}
+
+#ifndef EA_DNS_PORT
+#define EA_DNS_PORT 53
+#endif
+
+#ifdef EA_DNS
+/* Sockets that talk to port 53, so their answers can be tied to a process. */
+BPF_TABLE("lru_hash", u64, struct ea_dns_owner, dns_owners, 8192);
+
+static __always_inline void remember_dns_owner(u64 cookie, struct ea_connect_event *ev)
+{
+    struct ea_dns_owner owner = {.pid = ev->pid, .uid = ev->uid};
+    __builtin_memcpy(owner.comm, ev->comm, sizeof(owner.comm));
+    dns_owners.update(&cookie, &owner);
+}
+#endif
+
+#ifdef EA_UDP_SYSCALLS
+/* connect() in flight per thread (syscall path): whether TCP took it. */
+struct ea_pending_connect {
+    struct ea_connect_event ev;
+    u8 is_tcp;
+};
+BPF_HASH(pending_connects, u32, struct ea_pending_connect, 4096);
+
+/* Called by the TCP programs: this thread's connect() is a TCP one. */
+static __always_inline void mark_tcp_connect(void)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct ea_pending_connect *pending = pending_connects.lookup(&tid);
+    if (pending)
+        pending->is_tcp = 1;
+}
+#endif
