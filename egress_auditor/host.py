@@ -7,6 +7,7 @@ missing piece into one line that says how to fix it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib.util
 import os
 import platform
@@ -19,6 +20,7 @@ CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 TRACEPOINTS = (("sock", "inet_sock_set_state"),)
 KPROBE_FUNCTIONS = ("tcp_v4_connect", "tcp_v6_connect")
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+_BPF_MAP_CREATE = 0
 _BPF_MAP_TYPE_RINGBUF = 27
 
 
@@ -100,19 +102,43 @@ def kprobes_usable() -> tuple[bool, str]:
     return True, "kprobes on " + " / ".join(KPROBE_FUNCTIONS)
 
 
-def ringbuf_supported() -> bool:
-    """Create (and close) a BPF ring buffer map: the kernel's own answer (5.8+)."""
+def bpf_syscall(command: int, fields: list[int]) -> int:
+    """bpf(2) with a union bpf_attr whose leading u32 fields are `fields`;
+    returns the result (a new fd for the commands used here) or raises OSError."""
     number = _SYS_BPF.get(platform.machine())
     if number is None:
-        return False
-    attr = (ctypes.c_uint32 * 30)()  # union bpf_attr, zeroed past the fields set
-    attr[0], attr[1], attr[2], attr[3] = _BPF_MAP_TYPE_RINGBUF, 0, 0, 4096
+        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    attr = (ctypes.c_uint32 * 30)(*fields)  # zeroed past the fields set
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(number, 0, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd < 0:
+    result = libc.syscall(number, command, ctypes.byref(attr), ctypes.sizeof(attr))
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+def ringbuf_supported() -> bool:
+    """Create (and close) a BPF ring buffer map: the kernel's own answer (5.8+)."""
+    try:
+        fd = bpf_syscall(_BPF_MAP_CREATE, [_BPF_MAP_TYPE_RINGBUF, 0, 0, 4096])
+    except OSError:
         return False
     os.close(fd)
     return True
+
+
+def cgroup2_root() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on hosts with the hybrid layout."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        mount, _, filesystem = line.partition(" - ")
+        if filesystem.split(" ", 1)[0] == "cgroup2":
+            return Path(mount.split(" ")[4].replace("\\040", " "))
+    return None
 
 
 def headers_fix() -> str:

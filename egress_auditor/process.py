@@ -36,12 +36,12 @@ class ProcessResolver:
 
     def resolve(self, pid: int, comm: str, uid: int | None, at: float) -> Process:
         """The process `pid` as it was at time `at` (seconds since the epoch)."""
-        found = self._lookup(pid, at, self._ancestors)
+        found = self._lookup(pid, at, self._ancestors, comm)
         if found is not None:
             return found
         return Process(pid=pid, name=comm, uid=uid, user=user_name(uid), attribution=Attribution.NAME_ONLY)
 
-    def _lookup(self, pid: int, at: float, ancestors: int) -> Process | None:
+    def _lookup(self, pid: int, at: float, ancestors: int, comm: str | None = None) -> Process | None:
         if pid <= 0:
             return None
         try:
@@ -53,7 +53,8 @@ class ProcessResolver:
             return None  # the PID now belongs to a later process
         key = (pid, started)
         cached = self._cache.get(key)
-        if cached is not None:
+        # exec keeps pid and start time: a name unlike the kernel's comm means the entry is stale.
+        if cached is not None and (comm is None or cached.name[:15] == comm[:15]):
             self._cache.move_to_end(key)
             return cached
         process = self._read(proc, started, ancestors)

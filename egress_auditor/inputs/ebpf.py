@@ -1,19 +1,24 @@
-"""The eBPF input: bpf/tcp_connect.bpf.c through BCC.
+"""The eBPF input: bpf/*.bpf.c through BCC, as one compiled object.
 
-Repeats of a flow are counted in the kernel's flow map; only a flow's first
-connect arrives as an event. sync() folds the map's counts into the flow
-table and recovers any flow whose first event was lost.
+TCP connects (kprobes or tracepoint), UDP destinations (cgroup sock_addr
+hooks or syscall tracepoints) and DNS answers (cgroup_skb ingress). Repeats of
+a flow are counted in the kernel's flow map; only a flow's first connect
+arrives as an event. sync() folds the map's counts into the flow table and
+recovers any flow whose first event was lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from egress_auditor import host
+from egress_auditor.dns import DnsNames
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
 from egress_auditor.model import Connection, Family, FlowKey, Process, Protocol
@@ -48,16 +53,69 @@ class AttachPlan:
     path: str  # "kprobe" or "tracepoint"
     buffer: str  # "ringbuf" or "perf"
     reason: str
+    udp: str = "off"  # "cgroup", "syscalls" or "off"
+    dns: bool = False
+    cgroup_root: str | None = None  # where the cgroup programs attach
 
     def describe(self) -> str:
         hook = (
             "kprobes tcp_v4_connect/tcp_v6_connect" if self.path == "kprobe" else "tracepoint sock:inet_sock_set_state"
         )
-        return f"{hook}, {'ring buffer' if self.buffer == 'ringbuf' else 'perf buffer'} ({self.reason})"
+        parts = [hook]
+        if self.udp == "cgroup":
+            parts.append(f"UDP: cgroup connect/sendmsg hooks at {self.cgroup_root}")
+        elif self.udp == "syscalls":
+            parts.append("UDP: syscall tracepoints connect/sendto/sendmsg")
+        if self.dns:
+            parts.append("DNS answers: cgroup_skb ingress")
+        parts.append("ring buffer" if self.buffer == "ringbuf" else "perf buffer")
+        return f"{', '.join(parts)} ({self.reason})"
+
+    def pieces(self) -> tuple[str, ...]:
+        return (
+            "tcp_connect.bpf.c",
+            *(("udp_send.bpf.c",) if self.udp != "off" else ()),
+            *(("dns.bpf.c",) if self.dns else ()),
+        )
+
+    def cflags(self) -> list[str]:
+        flags = [f"-DEA_PATH_{self.path.upper()}"]
+        if self.buffer == "ringbuf":
+            flags.append("-DEA_USE_RINGBUF")
+        if self.udp != "off":
+            flags.append(f"-DEA_UDP_{self.udp.upper()}")
+        if self.dns:
+            flags.append("-DEA_DNS")
+        return flags
 
 
-def plan_attach(probe: str, buffer: str) -> AttachPlan:
-    """Decide the attach path and buffer from what the kernel offers."""
+SYSCALL_TRACEPOINTS = ("sys_enter_sendto", "sys_enter_sendmsg", "sys_enter_connect", "sys_exit_connect")
+
+
+def _plan_udp(udp: str, ring_ok: bool, cgroup_root: str | None) -> tuple[str, str]:
+    """The UDP path and why: cgroup hooks need cgroup v2 and the ring buffer."""
+    syscalls_ok = all(host.tracepoint_exists("syscalls", name) for name in SYSCALL_TRACEPOINTS)
+    cgroup_ok = cgroup_root is not None and ring_ok
+    why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
+    if udp == "off":
+        return "off", "UDP off"
+    if udp == "cgroup":
+        if not cgroup_ok:
+            raise AuditorError(f"-I ebpf:udp:cgroup: {why_not_cgroup}; use ebpf:udp:syscalls or auto")
+        return "cgroup", "UDP via cgroup hooks as asked"
+    if udp == "syscalls":
+        if not syscalls_ok:
+            raise AuditorError("-I ebpf:udp:syscalls: syscall tracepoints missing (CONFIG_FTRACE_SYSCALLS)")
+        return "syscalls", "UDP via syscall tracepoints as asked"
+    if cgroup_ok:
+        return "cgroup", "UDP via cgroup hooks"
+    if syscalls_ok:
+        return "syscalls", f"UDP via syscall tracepoints: {why_not_cgroup}"
+    return "off", f"UDP not traced: {why_not_cgroup} and no syscall tracepoints"
+
+
+def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "auto") -> AttachPlan:
+    """Decide the attach paths and buffer from what the kernel offers."""
     kprobes_ok, kprobes_why = host.kprobes_usable()
     tracepoint_ok = host.tracepoint_exists("sock", "inet_sock_set_state")
     if probe == "kprobe":
@@ -85,7 +143,17 @@ def plan_attach(probe: str, buffer: str) -> AttachPlan:
     chosen = "ringbuf" if buffer == "ringbuf" or (buffer == "auto" and ring_ok) else "perf"
     if buffer == "auto" and not ring_ok:
         reason += "; no ring buffer before 5.8"
-    return AttachPlan(path, chosen, reason)
+    cgroup_root = host.cgroup2_root()
+    udp_path, udp_why = _plan_udp(udp, chosen == "ringbuf", cgroup_root)
+    dns_ok = cgroup_root is not None and chosen == "ringbuf"
+    if dns == "on" and not dns_ok:
+        raise AuditorError("-I ebpf:dns:on: DNS answers need cgroup v2 and the BPF ring buffer; use auto or off")
+    use_dns = dns == "on" or (dns == "auto" and dns_ok)
+    if udp_path != "cgroup" or dns != "auto" or not use_dns:
+        reason += f"; {udp_why}" + (
+            "" if use_dns or dns == "off" else "; no DNS names: needs cgroup v2 and ring buffer"
+        )
+    return AttachPlan(path, chosen, reason, udp_path, use_dns, str(cgroup_root) if cgroup_root else None)
 
 
 def to_address(family: int, raw: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -97,6 +165,18 @@ def decode_comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
+# bpf(2) commands and attach types used for cgroup programs (uapi/linux/bpf.h).
+_BPF_LINK_CREATE = 28
+_BPF_F_ALLOW_MULTI = 2
+CGROUP_PROGRAMS = (
+    ("udp_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+    ("udp_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
+    ("udp_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
+    ("udp_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
+)
+DNS_PROGRAM = ("dns_ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")
+
+
 class EbpfInput:
     name = "ebpf"
 
@@ -104,8 +184,12 @@ class EbpfInput:
         self.options = options
         self.bpf: Any = None
         self.plan: AttachPlan | None = None
+        self.names = DnsNames()
         self._announced: set[bytes] = set()  # flow keys already handed to user space
-        self._map_full_events = 0
+        self._pending: list[Connection] = []
+        self._links: list[int] = []  # bpf_link fds: closing them detaches, even on SIGKILL
+        self._legacy_attached: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) without links
+        self._cgroup_fd: int | None = None
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this maps it to wall time.
         self._epoch_offset = time.time() - time.monotonic()
 
@@ -120,45 +204,65 @@ class EbpfInput:
                     "tracefs is not mounted and could not be: mount -t tracefs tracefs /sys/kernel/tracing"
                 )
             mounted = "; mounted tracefs at /sys/kernel/tracing"
-        self.plan = plan_attach(self.options["probe"], self.options["buffer"])
+        self.plan = plan_attach(self.options["probe"], self.options["buffer"], self.options["udp"], self.options["dns"])
         from bcc import BPF  # imported late: `list` and `doctor` work without BCC
 
         src = bpf_source_dir()
         cflags = [
             f"-I{src}",
-            f"-DEA_PATH_{self.plan.path.upper()}",
+            *self.plan.cflags(),
             f"-DEA_MAX_FLOWS={self.options['max_flows']}",
             f"-DEA_RINGBUF_PAGES={self.options['pages']}",
         ]
-        if self.plan.buffer == "ringbuf":
-            cflags.append("-DEA_USE_RINGBUF")
         try:
-            self.bpf = BPF(text=program_text(("tcp_connect.bpf.c",), src), cflags=cflags)
+            self.bpf = BPF(text=program_text(self.plan.pieces(), src), cflags=cflags)
             if self.plan.path == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
+            programs = [
+                *(CGROUP_PROGRAMS if self.plan.udp == "cgroup" else ()),
+                *((DNS_PROGRAM,) if self.plan.dns else ()),
+            ]
+            if programs:
+                self._attach_cgroup(programs)
             events = self.bpf["events"]
             if self.plan.buffer == "ringbuf":
                 events.open_ring_buffer(self._on_event)
             else:
-                events.open_perf_buffer(self._on_event, page_cnt=self.options["pages"], lost_cb=self._on_perf_lost)
+                events.open_perf_buffer(self._on_event, page_cnt=self.options["pages"])
+            if self.plan.dns:
+                self.bpf["dns_events"].open_ring_buffer(self._on_dns)
         except Exception as exc:  # BCC raises bare Exception for compile and attach failures
-            raise AuditorError(f"could not load the BPF program ({self.plan.describe()}): {exc}") from exc
-        self._perf_lost = 0
-        self._pending: list[Connection] = []
+            self.close()
+            raise AuditorError(f"could not load the BPF programs ({self.plan.describe()}): {exc}") from exc
         return self.plan.describe() + mounted
 
-    def _on_perf_lost(self, lost: int) -> None:
-        # Not added to stats(): the failed perf_submit already counted each of these in the kernel.
-        self._perf_lost += lost
+    def _attach_cgroup(self, programs: list[tuple[str, str, str]]) -> None:
+        """Attach at the cgroup v2 root through BPF links (5.7+), beside any
+        programs already there; without links, with BPF_F_ALLOW_MULTI."""
+        from bcc import BPF, BPFAttachType
+
+        assert self.plan is not None and self.plan.cgroup_root is not None
+        self._cgroup_fd = os.open(self.plan.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+        for function, prog_type, attach_name in programs:
+            attach_type = getattr(BPFAttachType, attach_name)
+            fn = self.bpf.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
+            try:
+                self._links.append(host.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, self._cgroup_fd, attach_type, 0]))
+            except OSError:
+                BPF.attach_func(fn, self._cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
+                self._legacy_attached.append((fn, self._cgroup_fd, attach_type))
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
         event = self.bpf["events"].event(data)
-        if event.flags == EVENT_MAP_FULL:
-            self._map_full_events += 1
-        else:
+        if event.flags != EVENT_MAP_FULL:
             self._announced.add(self._key_bytes(event))
         self._pending.append(self._connection(event))
+
+    def _on_dns(self, _ctx: Any, data: Any, _size: int) -> None:
+        event = self.bpf["dns_events"].event(data)
+        wire = bytes(event.data)[: event.len]
+        self.names.learn(wire, event.pid, event.ts_ns / 1e9 + self._epoch_offset)
 
     @staticmethod
     def _key_bytes(event: Any) -> bytes:
@@ -183,10 +287,18 @@ class EbpfInput:
             comm=comm,
             input=self.name,
             process=Process(pid=event.pid, name=comm, uid=event.uid),
+            tid=event.tid,
+            cgroup_id=event.cgroup_id,
         )
 
+    def _named(self, conn: Connection) -> Connection:
+        # Named after the poll: a DNS answer and the connect it led to may
+        # arrive in either order within one poll of the two ring buffers.
+        name = self.names.name_for(conn.dst, conn.pid, conn.time)
+        return dataclasses.replace(conn, hostname=name) if name else conn
+
     def poll(self, timeout_s: float, emit: Emit) -> None:
-        if self.plan is None:
+        if self.plan is None or self.bpf is None:
             return
         ms = max(0, int(timeout_s * 1000))
         if self.plan.buffer == "ringbuf":
@@ -195,7 +307,7 @@ class EbpfInput:
             self.bpf.perf_buffer_poll(ms)
         pending, self._pending = self._pending, []
         for conn in pending:
-            emit(conn)
+            emit(self._named(conn))
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
         """Fold kernel counts; a flow whose first event was lost is emitted from the map."""
@@ -211,20 +323,22 @@ class EbpfInput:
             if kbytes not in self._announced:
                 self._announced.add(kbytes)
                 emit(
-                    Connection(
-                        time=first,
-                        protocol=Protocol(key.protocol),
-                        family=family,
-                        src=None,
-                        sport=0,
-                        dst=dst,
-                        dport=key.dport,
-                        pid=0,
-                        uid=key.uid,
-                        gid=-1,
-                        comm=comm,
-                        input=self.name,
-                        process=Process(pid=0, name=comm, uid=key.uid),
+                    self._named(
+                        Connection(
+                            time=first,
+                            protocol=Protocol(key.protocol),
+                            family=family,
+                            src=None,
+                            sport=0,
+                            dst=dst,
+                            dport=key.dport,
+                            pid=0,
+                            uid=key.uid,
+                            gid=-1,
+                            comm=comm,
+                            input=self.name,
+                            process=Process(pid=0, name=comm, uid=key.uid),
+                        )
                     )
                 )
             on_count(FlowKey(Protocol(key.protocol), family, dst, key.dport, key.uid, comm), value.count, last)
@@ -241,9 +355,22 @@ class EbpfInput:
             return InputStats()
         table = self.bpf["stats"]
         counters = [int(table.sum(slot).value) for slot in (STAT_CONNECTS, STAT_EVENTS_LOST, STAT_MAP_FULL)]
+        # perf buffer losses are already counted in the kernel when perf_submit fails.
         return InputStats(connects=counters[0], events_lost=counters[1], map_full=counters[2])
 
     def close(self) -> None:
+        for link in self._links:
+            os.close(link)
+        self._links = []
+        if self._legacy_attached:
+            from bcc import BPF
+
+            for fn, cgroup_fd, attach_type in self._legacy_attached:
+                BPF.detach_func(fn, cgroup_fd, attach_type)
+            self._legacy_attached = []
+        if self._cgroup_fd is not None:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -252,8 +379,8 @@ class EbpfInput:
 PLUGIN = Plugin(
     name="ebpf",
     kind="input",
-    description="New TCP connections from the kernel via eBPF (BCC): kprobes on tcp_v4/v6_connect "
-    "or the sock:inet_sock_set_state tracepoint; repeats counted in the kernel.",
+    description="New TCP connections and UDP destinations from the kernel via eBPF (BCC), with the DNS "
+    "names behind them; repeats counted in the kernel.",
     factory=EbpfInput,
     options=(
         Option(
@@ -267,6 +394,19 @@ PLUGIN = Plugin(
             "event buffer: auto picks the ring buffer when the kernel has it (5.8+)",
             "auto",
             ("auto", "ringbuf", "perf"),
+        ),
+        Option(
+            "udp",
+            "UDP path: auto picks the cgroup connect/sendmsg hooks (cgroup v2 and ring buffer), "
+            "else syscall tracepoints; off traces TCP only",
+            "auto",
+            ("auto", "cgroup", "syscalls", "off"),
+        ),
+        Option(
+            "dns",
+            "names behind addresses from the DNS answers the host receives (cgroup v2 and ring buffer)",
+            "auto",
+            ("auto", "on", "off"),
         ),
         Option(
             "max_flows",
