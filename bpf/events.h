@@ -75,4 +75,48 @@ struct ea_dns_event {
     u8 data[EA_DNS_MAX];
 };
 
+/* ---- Process lineage (bpf/process.bpf.c, egress_auditor/lineage.py) ---- */
+#define EA_PROC_FORK 1 /* a new process (not a thread); pid is the child */
+#define EA_PROC_EXEC 2 /* pid now runs filename with args */
+#define EA_PROC_EXIT 3 /* the last thread of pid exited */
+
+#ifndef EA_FILENAME_SIZE
+#define EA_FILENAME_SIZE 256
+#endif
+#ifndef EA_ARGS_SIZE
+#define EA_ARGS_SIZE 512 /* a power of two: NUL-separated argv, cut beyond */
+#endif
+#define EA_MAX_ARGS 32
+
+/* Flags of a process event. */
+#define EA_PROC_ARGS_CUT 1     /* argv had more than EA_ARGS_SIZE bytes or EA_MAX_ARGS words */
+#define EA_PROC_ARGS_MISSING 2 /* argv could not be read at execve entry */
+#define EA_PROC_FILENAME_CUT 4
+
+/* Slots of the lineage statistics array. */
+#define EA_PSTAT_EVENTS 0 /* process events sent */
+#define EA_PSTAT_LOST 1   /* process events the ring buffer could not take */
+#define EA_PSTAT_SLOTS 2
+
+/* One record per fork, exec or exit. FORK and EXIT records end before
+ * filename (the record is cut at offsetof(filename)): only EXEC carries it. */
+struct ea_process_event {
+    u64 ts_ns;        /* bpf_ktime_get_ns(), CLOCK_MONOTONIC */
+    u64 cgroup_id;    /* cgroup v2 id of the task that caused the event */
+    u64 clone_flags;  /* FORK: the clone flags */
+    u32 kind;         /* EA_PROC_* */
+    u32 pid;          /* FORK: the child; EXEC, EXIT: the process */
+    u32 tid;          /* the thread that caused the event */
+    u32 ppid;         /* FORK: the process that forked */
+    u32 uid;
+    u32 gid;
+    u32 flags;        /* EA_PROC_ARGS_CUT ... */
+    u16 args_size;    /* EXEC: bytes used in args */
+    u16 argc;         /* EXEC: words in args */
+    char comm[16];
+    char filename[EA_FILENAME_SIZE];
+    char args[EA_ARGS_SIZE];
+};
+/* ---- end of process lineage ---- */
+
 #endif

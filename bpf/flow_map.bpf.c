@@ -12,7 +12,7 @@
 #define EA_MAX_FLOWS 65536
 #endif
 #ifndef EA_RINGBUF_PAGES
-#define EA_RINGBUF_PAGES 64
+#define EA_RINGBUF_PAGES 256
 #endif
 
 BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
@@ -49,25 +49,30 @@ static __always_inline void emit(void *ctx, struct ea_connect_event *ev)
 #endif
 }
 
-/* Count the connect in its flow; only a flow's first connect (or any
- * connect while the map is full) crosses to user space. */
-static __always_inline void record_connect(void *ctx, struct ea_connect_event *ev)
+/* Who is connecting, from the current task: valid in process context only. */
+static __always_inline void fill_identity(struct ea_connect_event *ev)
 {
-    struct ea_flow_key key = {};
-    struct ea_flow_stats *known;
-    u64 now = bpf_ktime_get_ns();
     u64 id = bpf_get_current_pid_tgid();
     u64 ids = bpf_get_current_uid_gid();
-
-    count_stat(EA_STAT_CONNECTS);
-    ev->ts_ns = now;
     ev->pid = id >> 32;
     ev->tid = (u32)id;
     ev->uid = (u32)ids;
     ev->gid = ids >> 32;
     ev->cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+}
 
+/* Count the connect in its flow; only a flow's first connect (or any
+ * connect while the map is full) crosses to user space. The identity in
+ * `ev` is already filled in. */
+static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev)
+{
+    struct ea_flow_key key = {};
+    struct ea_flow_stats *known;
+    u64 now = bpf_ktime_get_ns();
+
+    count_stat(EA_STAT_CONNECTS);
+    ev->ts_ns = now;
     __builtin_memcpy(key.daddr, ev->daddr, sizeof(key.daddr));
     key.uid = ev->uid;
     key.dport = ev->dport;
@@ -98,6 +103,12 @@ static __always_inline void record_connect(void *ctx, struct ea_connect_event *e
     count_stat(EA_STAT_MAP_FULL);
     ev->flags = EA_EVENT_MAP_FULL;
     emit(ctx, ev);
+}
+
+static __always_inline void record_connect(void *ctx, struct ea_connect_event *ev)
+{
+    fill_identity(ev);
+    count_flow(ctx, ev);
 }
 
 #ifndef EA_DNS_PORT

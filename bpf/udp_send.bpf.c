@@ -1,7 +1,10 @@
 /* UDP destinations, counted per flow in the kernel like TCP connects.
  * Paths, chosen at compile time:
- *   EA_UDP_CGROUP    cgroup sock_addr hooks connect4/6 and sendmsg4/6 at the
- *                    cgroup v2 root: connected and unconnected sockets.
+ *   EA_UDP_CGROUP    cgroup hooks at the cgroup v2 root: sendmsg4/6 for
+ *                    unconnected sends; connect4/6 remembers a connected
+ *                    socket, and its first datagram out (cgroup_skb egress)
+ *                    counts it. glibc connects UDP sockets it never sends on
+ *                    (to sort addresses, RFC 6724): those are not flows.
  *   EA_UDP_SYSCALLS  syscall tracepoints (kernels without those hooks):
  *                    sendto/sendmsg with an address, and connect() that
  *                    returned 0 without the TCP tracepoint firing in between.
@@ -32,38 +35,132 @@ static __always_inline void fill_v6(struct ea_connect_event *ev, const u8 *daddr
 }
 
 #ifdef EA_UDP_CGROUP
+/* Connected UDP sockets that have not sent yet, by socket cookie. */
+BPF_TABLE("lru_hash", u64, struct ea_connect_event, udp_connected, 16384);
+
+/* Peers that sent a datagram to a socket: a send back to them is a reply
+ * (a resolver or NTP server answering), not a new destination. */
+struct ea_udp_peer {
+    u64 cookie;
+    u8 addr[16];
+    u16 port;
+    u8 family;
+    u8 _pad[5];
+};
+BPF_TABLE("lru_hash", struct ea_udp_peer, u64, udp_peers, 16384);
+
+static __always_inline int is_reply(u64 cookie, struct ea_connect_event *ev)
+{
+    struct ea_udp_peer peer = {.cookie = cookie, .port = ev->dport, .family = ev->family};
+    __builtin_memcpy(peer.addr, ev->daddr, sizeof(peer.addr));
+    return udp_peers.lookup(&peer) != NULL;
+}
+
 /* Every program here returns 1: an auditor never refuses a connection. */
-static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, int v6)
+static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, int v6, int is_connect)
 {
     struct ea_connect_event ev = {};
+    u32 protocol = ctx->protocol;
+    if (protocol != IPPROTO_UDP && protocol != IPPROTO_TCP)
+        return 1;
+    /* TCP flows come from the TCP program; TCP is looked at only to know
+     * who owns a DNS-over-TCP socket, so other TCP connects leave at once. */
+    if (protocol == IPPROTO_TCP && ntohs((u16)ctx->user_port) != EA_DNS_PORT)
+        return 1;
+#ifndef EA_DNS
+    if (protocol == IPPROTO_TCP)
+        return 1;
+#endif
     if (v6) {
         u32 words[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
         fill_v6(&ev, (const u8 *)words, (u16)ctx->user_port);
     } else {
         fill_v4(&ev, ctx->user_ip4, (u16)ctx->user_port);
     }
-    if (ctx->protocol == IPPROTO_UDP) {
-        record_connect(ctx, &ev);
+    if (protocol == IPPROTO_UDP) {
+        u64 cookie = bpf_get_socket_cookie(ctx);
+        if (is_connect) {
+            fill_identity(&ev);
+            udp_connected.update(&cookie, &ev);
+        } else if (!is_reply(cookie, &ev)) {
+            fill_identity(&ev);
+            count_flow(ctx, &ev);
+        }
     }
 #ifdef EA_DNS
-    else if (ctx->protocol == IPPROTO_TCP && ev.dport == EA_DNS_PORT) {
-        /* TCP flows come from the TCP program; here only the DNS owner is kept. */
-        u64 id = bpf_get_current_pid_tgid();
-        u64 ids = bpf_get_current_uid_gid();
-        ev.pid = id >> 32;
-        ev.uid = (u32)ids;
-        bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    }
-    if (ev.dport == EA_DNS_PORT && (ctx->protocol == IPPROTO_UDP || ctx->protocol == IPPROTO_TCP))
+    if (ev.dport == EA_DNS_PORT) {
+        if (ev.pid == 0) /* TCP, or a reply not counted above */
+            fill_identity(&ev);
         remember_dns_owner(bpf_get_socket_cookie(ctx), &ev);
+    }
 #endif
     return 1;
 }
 
-int udp_connect4(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 0); }
-int udp_connect6(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 1); }
-int udp_sendmsg4(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 0); }
-int udp_sendmsg6(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 1); }
+int udp_connect4(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 0, 1); }
+int udp_connect6(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 1, 1); }
+int udp_sendmsg4(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 0, 0); }
+int udp_sendmsg6(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 1, 0); }
+
+/* The first datagram a connected UDP socket sends makes it a flow. */
+int udp_egress(struct __sk_buff *skb)
+{
+    u8 first = 0, proto = 0;
+    if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
+        return 1;
+    if ((first >> 4) == 4)
+        bpf_skb_load_bytes(skb, 9, &proto, 1);
+    else if ((first >> 4) == 6)
+        bpf_skb_load_bytes(skb, 6, &proto, 1);
+    if (proto != IPPROTO_UDP)
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(skb);
+    struct ea_connect_event *pending = udp_connected.lookup(&cookie);
+    if (!pending)
+        return 1;
+    struct ea_connect_event ev = *pending;
+    udp_connected.delete(&cookie);
+    count_flow(skb, &ev);
+    return 1;
+}
+
+/* Remember who sent each UDP datagram that arrives (see is_reply). */
+int udp_ingress(struct __sk_buff *skb)
+{
+    u8 first = 0, proto = 0;
+    u32 l4;
+    struct ea_udp_peer peer = {};
+    if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
+        return 1;
+    if ((first >> 4) == 4) {
+        bpf_skb_load_bytes(skb, 9, &proto, 1);
+        if (proto != IPPROTO_UDP || bpf_skb_load_bytes(skb, 12, peer.addr, 4) != 0)
+            return 1;
+        peer.family = EA_AF_INET;
+        l4 = (first & 0x0f) * 4;
+    } else if ((first >> 4) == 6) {
+        bpf_skb_load_bytes(skb, 6, &proto, 1);
+        if (proto != IPPROTO_UDP || bpf_skb_load_bytes(skb, 8, peer.addr, 16) != 0)
+            return 1;
+        peer.family = EA_AF_INET6;
+        l4 = 40;
+        if (is_v4_mapped(peer.addr)) {
+            peer.family = EA_AF_INET;
+            __builtin_memcpy(peer.addr, &peer.addr[12], 4);
+            __builtin_memset(&peer.addr[4], 0, 12);
+        }
+    } else {
+        return 1;
+    }
+    u16 sport_be = 0;
+    if (bpf_skb_load_bytes(skb, l4, &sport_be, 2) != 0)
+        return 1;
+    peer.port = ntohs(sport_be);
+    peer.cookie = bpf_get_socket_cookie(skb);
+    u64 now = bpf_ktime_get_ns();
+    udp_peers.update(&peer, &now);
+    return 1;
+}
 #endif /* EA_UDP_CGROUP */
 
 #ifdef EA_UDP_SYSCALLS

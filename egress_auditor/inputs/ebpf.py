@@ -63,7 +63,7 @@ class AttachPlan:
         )
         parts = [hook]
         if self.udp == "cgroup":
-            parts.append(f"UDP: cgroup connect/sendmsg hooks at {self.cgroup_root}")
+            parts.append(f"UDP: cgroup connect/sendmsg/egress hooks at {self.cgroup_root}")
         elif self.udp == "syscalls":
             parts.append("UDP: syscall tracepoints connect/sendto/sendmsg")
         if self.dns:
@@ -173,6 +173,8 @@ CGROUP_PROGRAMS = (
     ("udp_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
     ("udp_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
     ("udp_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
+    ("udp_egress", "CGROUP_SKB", "CGROUP_INET_EGRESS"),
+    ("udp_ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS"),
 )
 DNS_PROGRAM = ("dns_ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")
 
@@ -417,8 +419,9 @@ PLUGIN = Plugin(
         ),
         Option(
             "pages",
-            "pages of the event buffer (a power of two)",
-            "64",
+            "pages of the event buffer (a power of two); a burst of new flows larger than it holds is "
+            "counted as lost events and recovered from the kernel's flow map",
+            "256",
             convert=lambda v: _power_of_two(v),
             valid="a power of two, e.g. 64",
         ),
