@@ -16,6 +16,7 @@ import typer
 import egress_auditor
 from egress_auditor.cli import app, normalise_argv, parse_duration
 from egress_auditor.errors import UsageError
+from egress_auditor.inputs.ebpf import PLUGIN as EBPF_PLUGIN
 from egress_auditor.plugins import Option, Plugin, registered, select
 
 # ---------------------------------------------------------------- durations
@@ -231,7 +232,7 @@ def run_cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         (["trace", "-C", "0"], "--count"),
         (["-O", "bad"], "plugin:key:value"),
         (["-i", "nope"], "valid: ebpf"),
-        (["trace", "-I", "ebpf:nope:1"], "valid: probe, buffer, max_flows, pages"),
+        (["trace", "-I", "ebpf:nope:1"], "valid: " + ", ".join(o.key for o in EBPF_PLUGIN.options)),
         (["trace", "--no-such-flag"], "--no-such-flag"),
         (["trace", "-t"], "-t"),
         (["no-such-command"], "no-such-command"),
