@@ -82,3 +82,32 @@ def terminal_text(text: str) -> str:
 def shell_word(text: str) -> str:
     """One shell word that sh reads back as exactly `text` (no NUL allowed)."""
     return shlex.quote(text.replace("\x00", ""))
+
+
+NFT_COMMENT_MAX = 128  # nft refuses longer comments: "128 characters maximum allowed"
+
+
+def nft_comment(text: str, limit: int = NFT_COMMENT_MAX) -> str:
+    """Text safe inside a double-quoted nft comment.
+
+    nft's strings end at the next `"` and know no escapes, so the same small
+    safe set as rule_comment applies (%XX for the rest), cut to nft's limit.
+    """
+    return rule_comment(text, limit)
+
+
+_CGROUP_PART = re.compile(r"[A-Za-z0-9_.:@+=,\\-]+")
+
+
+def nft_cgroup_path(path: str) -> str | None:
+    """A cgroup v2 path as nft's `socket cgroupv2 level N "PATH"` reads it
+    (relative to the cgroup2 root), or None if it cannot be written safely.
+
+    nft looks the directory up by this exact name at load time, so it cannot
+    be escaped: a path with a quote, space, control or non-ASCII character,
+    or a `.`/`..` part, is refused and the caller scopes another way.
+    """
+    parts = path.strip("/").split("/")
+    if not parts or not all(_CGROUP_PART.fullmatch(p) and p not in (".", "..") for p in parts):
+        return None
+    return "/".join(parts)

@@ -1,0 +1,213 @@
+"""nftables output: one `nft -f` file that replaces a table of its own.
+
+The file adds `table inet egress_auditor`, deletes it and defines it again,
+all in the one transaction `nft -f` makes, so loading it twice gives the same
+ruleset and never touches any other table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
+from egress_auditor.model import Connection, Family, Flow, Summary
+from egress_auditor.outputs.iptables import write_atomically
+from egress_auditor.plugins import Option, Plugin
+from egress_auditor.provenance import header_lines, rule_lines
+from egress_auditor.rules import Rule, comment_text, rules_from_flows
+
+TABLE = "egress_auditor"
+SET_MIN = 2  # a set is one rule however many destinations: worth it from two on
+NDP = "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept"
+_ADDRESS = {Family.IPV4: ("ip", "ipv4_addr"), Family.IPV6: ("ip6", "ipv6_addr")}
+
+
+@dataclass(frozen=True)
+class ScopedRule:
+    """A rule and who it is allowed for: everyone, one uid, or one cgroup."""
+
+    rule: Rule
+    uid: int | None = None
+    cgroup: str | None = None  # as nft_cgroup_path returns it
+    note: str = ""  # why the scope asked for could not be used
+
+    @property
+    def cgroup_level(self) -> int:
+        return len(self.cgroup.split("/")) if self.cgroup else 0
+
+
+def _with_processes(flow: Flow, wanted: Iterable[tuple[int, float | None]]) -> Flow:
+    keep = set(wanted)
+    return dataclasses.replace(flow, processes={k: p for k, p in flow.processes.items() if k in keep})
+
+
+def scoped_rules(flows: Iterable[Flow], scope: str) -> list[ScopedRule]:
+    """Rules per destination (scope none), per destination and uid (user), or
+    per destination and cgroup (cgroup; uid where the cgroup is unknown or
+    cannot be written for nft).
+
+    Kept here until the iptables output has its own scope option (issue 3);
+    then both should share one grouping.
+    """
+    flows = list(flows)
+    if scope == "none":
+        return [ScopedRule(r) for r in rules_from_flows(flows)]
+    groups: dict[tuple[int | None, str | None], list[Flow]] = {}
+    notes: dict[tuple[int | None, str | None], set[str]] = {}
+    for flow in flows:
+        if scope == "user":
+            groups.setdefault((flow.key.uid, None), []).append(flow)
+            continue
+        by_cgroup: dict[str | None, list[tuple[int, float | None]]] = {}
+        for key, process in flow.processes.items():
+            path = nft_cgroup_path(process.cgroup) if process.cgroup else None
+            by_cgroup.setdefault(path, []).append(key)
+            if path is None:
+                # Falling back to the uid keeps the rule narrower than no scope at all.
+                why = f"cgroup {process.cgroup} cannot be written for nft" if process.cgroup else "cgroup unknown"
+                notes.setdefault((flow.key.uid, None), set()).add(f"{why}: scoped by uid")
+        for path, keys in by_cgroup.items():
+            group = (None, path) if path else (flow.key.uid, None)
+            groups.setdefault(group, []).append(_with_processes(flow, keys))
+    scoped = [
+        ScopedRule(rule, uid, cgroup, "; ".join(sorted(notes.get((uid, cgroup), ()))))
+        for (uid, cgroup), members in groups.items()
+        for rule in rules_from_flows(members)
+    ]
+    return sorted(
+        scoped,
+        key=lambda s: (s.rule.family, s.rule.dst, s.rule.protocol, s.rule.dport, s.uid or -1, s.cgroup or "", s.note),
+    )
+
+
+def _comments(lines: Iterable[str], indent: str) -> list[str]:
+    return [f"{indent}# {comment_line(line)}" for line in lines]
+
+
+def _match(scoped: ScopedRule) -> str:
+    rule = scoped.rule
+    address, _ = _ADDRESS[rule.family]
+    scope = ""
+    if scoped.cgroup:
+        scope = f'socket cgroupv2 level {scoped.cgroup_level} "{scoped.cgroup}" '
+    elif scoped.uid is not None:
+        scope = f"meta skuid {scoped.uid} "
+    return f"{scope}{address} daddr {rule.dst} {rule.protocol.name.lower()} dport {rule.dport}"
+
+
+def _explain(scoped: ScopedRule, verbose: int) -> list[str]:
+    lines = rule_lines(scoped.rule, verbose)
+    if scoped.note:
+        lines.append(f"  {scoped.note}")
+    return lines
+
+
+def _set_name(family: Family) -> str:
+    return f"allow_{family.label.lower()}"
+
+
+def render(flows: list[Flow], summary: Summary, verbose: int, drop: bool, scope: str) -> str:
+    scoped = scoped_rules(flows, scope)
+    by_uid = scope != "none"
+    sets: dict[Family, list[ScopedRule]] = {}
+    singles: list[ScopedRule] = []
+    for family in (Family.IPV4, Family.IPV6):
+        settable = [s for s in scoped if s.rule.family is family and s.cgroup is None]
+        if len(settable) >= SET_MIN:
+            sets[family] = settable
+    singles = [s for s in scoped if s.rule.family not in sets or s.cgroup is not None]
+
+    lines = ["#!/usr/sbin/nft -f", *(f"# {comment_line(h)}" for h in header_lines(summary))]
+    lines.append(f"# scope: {scope}; loads in one transaction and replaces only table inet {TABLE}")
+    if any(s.cgroup for s in scoped):
+        lines.append("# socket cgroupv2 paths are looked up when the file is loaded: each cgroup must exist then")
+    lines += [f"table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
+    for family, members in sets.items():
+        address, type_ = _ADDRESS[family]
+        key = f"{type_} . inet_proto . inet_service" + (" . uid" if by_uid else "")
+        lines += [f"\tset {_set_name(family)} {{", f"\t\ttype {key}", "\t\telements = {"]
+        for s in members:
+            element = f"{s.rule.dst} . {s.rule.protocol.name.lower()} . {s.rule.dport}"
+            element += f" . {s.uid}" if by_uid else ""
+            lines += _comments(_explain(s, verbose), "\t\t\t")
+            lines.append(f'\t\t\t{element} comment "{nft_comment(comment_text(s.rule))}",')
+        lines += ["\t\t}", "\t}", ""]
+    policy = "drop" if drop else "accept"
+    lines += [
+        "\tchain output {",
+        f"\t\ttype filter hook output priority filter; policy {policy};",
+        "\t\tct state established,related accept",
+        "\t\t# without neighbour discovery a drop policy cuts IPv6 off entirely",
+        f"\t\t{NDP}",
+    ]
+    if not scoped:
+        lines.append("\t\t# no connections seen")
+    for family in sets:
+        address, _ = _ADDRESS[family]
+        key = f"{address} daddr . meta l4proto . th dport" + (" . meta skuid" if by_uid else "")
+        lines.append(f'\t\t{key} @{_set_name(family)} accept comment "destinations seen, one element each"')
+    for s in singles:
+        lines += _comments(_explain(s, verbose), "\t\t")
+        lines.append(f'\t\t{_match(s)} accept comment "{nft_comment(comment_text(s.rule))}"')
+    lines += ["\t}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+class NftablesOutput:
+    name = "nftables"
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.verbose: int = options["verbose"]
+        self.drop: bool = options["policy"] == "drop"
+        self.scope: str = options["scope"]
+        self.file: str = options["file"]
+
+    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
+        """Rules are rendered from the final flows; nothing to do per event."""
+
+    def finish(self, flows: list[Flow], summary: Summary) -> str:
+        text = render(flows, summary, self.verbose, self.drop, self.scope)
+        if self.file:
+            write_atomically(Path(self.file), text)
+        return text
+
+
+PLUGIN = Plugin(
+    name="nftables",
+    kind="output",
+    description="an nft -f file that replaces table inet egress_auditor with rules allowing what was seen",
+    factory=NftablesOutput,
+    options=(
+        Option(
+            "verbose",
+            "0: count, times, processes per rule in # lines; 1: a # line per process; 2: also command lines, parents",
+            "0",
+            ("0", "1", "2"),
+            convert=int,
+        ),
+        Option(
+            "policy",
+            "drop: the output chain drops what was not seen (replies and IPv6 neighbour discovery stay allowed)",
+            "accept",
+            ("accept", "drop"),
+        ),
+        Option(
+            "scope",
+            "user: allow each destination only for the uid seen (meta skuid); "
+            "cgroup: only for the cgroup seen (socket cgroupv2), else its uid",
+            "none",
+            ("none", "user", "cgroup"),
+        ),
+        Option(
+            "file",
+            "also write the ruleset to FILE, atomically (e.g. /etc/nftables.d/egress.nft)",
+            "",
+            valid="a path",
+        ),
+    ),
+    example="-o nftables -O nftables:policy:drop -O nftables:scope:user",
+)
