@@ -28,6 +28,7 @@ class Attribution(str, enum.Enum):
 
     KERNEL = "kernel"  # from process lineage recorded in the kernel (exec/fork/exit)
     PROC = "proc"  # read from /proc while the process was alive
+    SOCKET = "socket"  # netfilter inputs: the packet's socket found in /proc/net and a process's fds
     NAME_ONLY = "name-only"  # the process had exited: only what the kernel gave
 
 

@@ -1,0 +1,251 @@
+"""What the nflog and nfqueue inputs share: options, rule setup and clean-up,
+a reader thread, loss counting and socket attribution.
+
+A reader thread owns the netlink socket: it receives, gives NFQUEUE its
+ACCEPT verdicts at once, and hands messages to poll() through a bounded
+backlog. So a slow main thread (attribution, the live table) never holds a
+packet back, and the socket buffer is emptied as fast as Python can.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from egress_auditor.errors import AuditorError
+from egress_auditor.inputs import Emit, InputStats, OnCount
+from egress_auditor.model import Attribution, Connection, Process
+from egress_auditor.netfilter import packets
+from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError
+from egress_auditor.netfilter.rules import Firewall, Owner, Target
+from egress_auditor.plugins import Option
+from egress_auditor.sockets import SocketTable
+
+UNKNOWN = "unknown"  # the name of a process whose socket was gone before it could be matched
+MAX_BACKLOG = 65536  # messages waiting for poll(); beyond that they are counted as lost
+MAX_BATCH = 4096  # messages handled per poll() call, so the display and signals stay responsive
+READ_WAIT_S = 0.2  # how long the reader thread blocks before it looks at the stop flag
+SEQ_MOD = 1 << 32
+
+
+@dataclass(frozen=True)
+class Received:
+    """A packet copy from the kernel, before it is parsed: seq is NFULA_SEQ or the queue's packet id."""
+
+    seq: int | None
+    payload: bytes
+    uid: int | None
+    gid: int | None
+    at: float
+
+
+def setup_option(kind: str) -> Option:
+    return Option(
+        "setup",
+        "none: use rules you added yourself; auto: install tagged rules (TCP SYN and UDP, state NEW, "
+        "IPv4 and IPv6) through nft or iptables, whichever the host uses, and remove them on exit; "
+        f"iptables or nft: that tool only. Any setup also removes {kind} rules left by a killed run",
+        "none",
+        ("none", "auto", "iptables", "nft"),
+    )
+
+
+def rcvbuf_option(default: str) -> Option:
+    def convert(value: str) -> int:
+        number = int(value)
+        if number < 0:
+            raise ValueError("a byte count, 0 for the kernel's default")
+        return number
+
+    return Option(
+        "rcvbuf",
+        "receive buffer of the netlink socket in bytes (0: the kernel's default); a small one loses "
+        "messages in a burst, and the loss is counted",
+        default,
+        convert=convert,
+        valid="a byte count, e.g. 4194304",
+    )
+
+
+class LossCounter:
+    """Sequence numbers that should run without gaps: each gap is messages the kernel could not deliver."""
+
+    def __init__(self) -> None:
+        self.expected: int | None = None
+        self.lost = 0
+
+    def see(self, seq: int | None) -> None:
+        if seq is None:
+            return
+        if self.expected is not None:
+            gap = (seq - self.expected) % SEQ_MOD
+            if gap < SEQ_MOD // 2:  # a number from before is a restart or reordering, not a loss
+                self.lost += gap
+        self.expected = (seq + 1) % SEQ_MOD
+
+
+class NetfilterInput:
+    """Base of the nflog and nfqueue inputs: subclasses bind the socket and read one message kind."""
+
+    name = ""
+    kind = ""  # "nflog" or "nfqueue"
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.target = Target(self.kind, self.number)
+        self.firewall: Firewall | None = None
+        self.sockets = SocketTable()
+        self.losses = LossCounter()
+        self.connects = 0
+        self.ignored = 0  # packets that were not a connection's start (a broad rule of the user's)
+        self.backlog_dropped = 0
+        self._backlog: deque[Received] = deque()
+        self._ready = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reader_error: BaseException | None = None
+        self._closed = False
+
+    @property
+    def number(self) -> int:
+        raise NotImplementedError
+
+    # -- what subclasses provide ---------------------------------------------------
+    def bind(self) -> NetfilterSocket:
+        raise NotImplementedError
+
+    def read(self, timeout_s: float) -> list[Received]:
+        """Receive one batch (NFQUEUE also accepts it): runs in the reader thread."""
+        raise NotImplementedError
+
+    def manual_hint(self) -> str:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    # -- the Input protocol ----------------------------------------------------------
+    def open(self) -> str:
+        try:
+            socket_ = self.bind()
+        except PermissionError:
+            raise AuditorError(f"-i {self.kind} needs root or CAP_NET_ADMIN: run it with sudo") from None
+        except NetlinkError as exc:
+            raise AuditorError(self.bind_problem(exc)) from None
+        parts = [self.describe_socket(socket_)]
+        atexit.register(self.close)  # a second line of defence: TraceRun closes inputs on every exit it sees
+        if self.options["setup"] != "none":
+            self.firewall = Firewall(self.target, Owner.current(self.kind))
+            removed = self.firewall.remove_leftovers()
+            if removed:
+                runs = ", ".join(sorted({f"pid {o.pid}" for o in removed}))
+                parts.append(f"removed {len(removed)} rule(s) left by killed run(s) ({runs})")
+            parts.insert(1, self.firewall.install(self.options["setup"]))
+        else:
+            parts.append(f"setup:none, rules are yours, e.g. {self.manual_hint()}")
+        self._thread = threading.Thread(target=self._read_loop, name=f"{self.kind}-reader", daemon=True)
+        self._thread.start()
+        return "; ".join(parts)
+
+    def bind_problem(self, exc: NetlinkError) -> str:
+        return f"could not bind {self.kind} {self.number}: {exc.strerror}"
+
+    def describe_socket(self, socket_: NetfilterSocket) -> str:
+        return f"{self.kind} {self.number}, receive buffer {socket_.rcvbuf} bytes"
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                received = self.read(READ_WAIT_S)
+                if not received:
+                    continue
+                with self._ready:
+                    room = MAX_BACKLOG - len(self._backlog)
+                    if room < len(received):
+                        self.backlog_dropped += len(received) - max(room, 0)
+                        received = received[: max(room, 0)]
+                    self._backlog.extend(received)
+                    self._ready.notify()
+        except BaseException as exc:  # reported by the next poll(): a dead reader must not go unnoticed
+            self._reader_error = exc
+            with self._ready:
+                self._ready.notify()
+
+    def poll(self, timeout_s: float, emit: Emit) -> None:
+        with self._ready:
+            if not self._backlog and self._reader_error is None and timeout_s > 0:
+                self._ready.wait(timeout_s)
+            batch = [self._backlog.popleft() for _ in range(min(len(self._backlog), MAX_BATCH))]
+        if self._reader_error is not None:
+            error, self._reader_error = self._reader_error, None
+            raise AuditorError(f"{self.kind} reader stopped: {error}") from error
+        starts: list[tuple[Received, packets.Packet]] = []
+        for item in batch:
+            self.losses.see(item.seq)
+            packet = packets.parse(item.payload)
+            if packet is None or not packet.is_connection_start:
+                self.ignored += 1
+                continue
+            starts.append((item, packet))
+        owners = self.sockets.owners([p for _, p in starts]) if starts else []
+        for (item, packet), owner in zip(starts, owners, strict=True):
+            self.connects += 1
+            emit(self._connection(item, packet, owner))
+
+    def _connection(self, item: Received, packet: packets.Packet, owner: Any) -> Connection:
+        uid = item.uid if item.uid is not None else (owner.uid if owner else -1)
+        gid = item.gid if item.gid is not None else -1
+        if owner is not None:
+            process = Process(pid=owner.pid, name=owner.comm, uid=uid, attribution=Attribution.SOCKET, gid=gid)
+        else:
+            process = Process(pid=0, name=UNKNOWN, uid=uid, attribution=Attribution.NAME_ONLY, gid=gid)
+        return Connection(
+            time=item.at,
+            protocol=packet.protocol,
+            family=packet.family,
+            src=packet.src,
+            sport=packet.sport,
+            dst=packet.dst,
+            dport=packet.dport,
+            pid=process.pid,
+            uid=uid,
+            gid=gid,
+            comm=process.name,
+            input=self.name,
+            process=process,
+        )
+
+    def sync(self, emit: Emit, on_count: OnCount) -> None:
+        """Nothing to fold: every connection arrives as its own message."""
+
+    def lost(self) -> int:
+        overruns = self.socket_overruns()
+        # Each ENOBUFS report stands for at least one lost message; gaps give the exact number when seen.
+        return max(self.losses.lost, overruns) + self.backlog_dropped
+
+    def socket_overruns(self) -> int:
+        raise NotImplementedError
+
+    def stats(self) -> InputStats:
+        return InputStats(connects=self.connects, events_lost=self.lost())
+
+    def close(self) -> None:
+        """Rules first (nothing new arrives), then the reader (NFQUEUE accepts what is queued), then the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        problems = []
+        if self.firewall is not None:
+            try:
+                self.firewall.remove()
+            except Exception as exc:  # the socket must still be released
+                problems.append(f"removing rules: {exc}")
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * READ_WAIT_S)
+        self.release()
+        if problems:
+            raise AuditorError("; ".join(problems))
