@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NflogGroup
-from egress_auditor.netfilter.source import NetfilterInput, Received, rcvbuf_option, setup_option
+from egress_auditor.netfilter.source import NetfilterInput, Received, can_admin_network, rcvbuf_option, setup_option
 from egress_auditor.plugins import Option, Plugin
 
 
@@ -43,7 +43,7 @@ class NflogInput(NetfilterInput):
         return self.group.nl
 
     def bind_problem(self, exc: NetlinkError) -> str:
-        if exc.errno == errno.EBUSY:
+        if exc.errno in (errno.EBUSY, errno.EPERM) and can_admin_network():  # EPERM: another socket owns it
             return f"NFLOG group {self.number} is already bound by another program (ulogd?): choose another nflog:group"
         return super().bind_problem(exc)
 

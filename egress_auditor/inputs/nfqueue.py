@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NfQueue, queue_counters
-from egress_auditor.netfilter.source import NetfilterInput, Received, rcvbuf_option, setup_option
+from egress_auditor.netfilter.source import NetfilterInput, Received, can_admin_network, rcvbuf_option, setup_option
 from egress_auditor.plugins import Option, Plugin, positive_int
 
 
@@ -42,7 +42,7 @@ class NfqueueInput(NetfilterInput):
         return self.queue.nl
 
     def bind_problem(self, exc: NetlinkError) -> str:
-        if exc.errno == errno.EBUSY:
+        if exc.errno in (errno.EBUSY, errno.EPERM) and can_admin_network():  # EPERM: another socket owns it
             return f"NFQUEUE queue {self.number} is already bound by another program: choose another nfqueue:queue"
         return super().bind_problem(exc)
 

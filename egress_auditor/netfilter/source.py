@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from egress_auditor import host
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
 from egress_auditor.model import Attribution, Connection, Process
@@ -29,6 +30,11 @@ MAX_BACKLOG = 65536  # messages waiting for poll(); beyond that they are counted
 MAX_BATCH = 4096  # messages handled per poll() call, so the display and signals stay responsive
 READ_WAIT_S = 0.2  # how long the reader thread blocks before it looks at the stop flag
 SEQ_MOD = 1 << 32
+CAP_NET_ADMIN = 12
+
+
+def can_admin_network() -> bool:
+    return bool(host.effective_capabilities() & (1 << CAP_NET_ADMIN))
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,8 @@ class NetfilterInput:
 
     # -- the Input protocol ----------------------------------------------------------
     def open(self) -> str:
+        if not can_admin_network():
+            raise AuditorError(f"-i {self.kind} needs root or CAP_NET_ADMIN: run it with sudo")
         try:
             socket_ = self.bind()
         except PermissionError:
