@@ -30,9 +30,10 @@ def new_flow_line(conn: Connection) -> str:
         else (str(conn.src) if conn.src else "?")
     )
     user = conn.process.user or str(conn.uid)
+    name = f" ({terminal_text(conn.hostname)})" if conn.hostname else ""
     return (
         f"new {conn.protocol.name} connection {src} -> "
-        f"{endpoint(conn.dst, conn.dport, conn.protocol, named=True)} by "
+        f"{endpoint(conn.dst, conn.dport, conn.protocol, named=True)}{name} by "
         f"{terminal_text(conn.process.name)} (pid {conn.pid or '?'}, user {terminal_text(user)})"
     )
 
@@ -105,7 +106,7 @@ class LiveTable:
     def _render(self) -> Group:
         header = Text(" | ".join(f"{k}: {v}" for k, v in self.status.items()), style="bold")
         table = Table(expand=False, show_lines=False)
-        for column in ("process", "user", "proto", "destination", "count", "first seen", "last seen"):
+        for column in ("process", "user", "proto", "destination", "name", "count", "first seen", "last seen"):
             table.add_column(column, justify="right" if column == "count" else "left")
         for flow in self.flows.recent(self.MAX_ROWS):
             key = flow.key
@@ -117,6 +118,7 @@ class LiveTable:
                 Text(terminal_text(user)),
                 key.protocol.name,
                 Text(endpoint(key.dst, key.dport, key.protocol, named=True)),
+                Text(terminal_text(", ".join(sorted(flow.hostnames)))),
                 str(flow.count),
                 _clock(flow.first_seen),
                 _clock(flow.last_seen),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import signal
 import subprocess
 import time
@@ -13,7 +14,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-_subnets = itertools.count(1)
+# Random subnets: test runs that overlap (and the tracer sees every
+# namespace) must not share addresses, or their flows would merge.
+_subnets = itertools.count(random.randrange(200 * 250))
 
 
 @dataclass
@@ -67,12 +70,13 @@ class Link:
 
 def link(a: Namespace, b: Namespace) -> Link:
     """Join two namespaces with a veth pair carrying IPv4 and IPv6."""
-    n = next(_subnets) % 250 + 1
+    index = next(_subnets) % (200 * 250)
+    second, n = 20 + index // 250, index % 250 + 1
     tag = uuid.uuid4().hex[:6]
     va, vb = f"ea{tag}a", f"ea{tag}b"
     subprocess.run(["ip", "link", "add", va, "netns", a.name, "type", "veth", "peer", "name", vb,
                     "netns", b.name], check=True)
-    pair = Link(a, b, f"10.200.{n}.1", f"10.200.{n}.2", f"fd00:200:{n}::1", f"fd00:200:{n}::2")
+    pair = Link(a, b, f"10.{second}.{n}.1", f"10.{second}.{n}.2", f"fd00:{second}:{n}::1", f"fd00:{second}:{n}::2")
     for ns, dev, v4, v6 in ((a, va, pair.a4, pair.a6), (b, vb, pair.b4, pair.b6)):
         ns.run(["ip", "addr", "add", f"{v4}/24", "dev", dev])
         ns.run(["ip", "addr", "add", f"{v6}/64", "dev", dev, "nodad"])
