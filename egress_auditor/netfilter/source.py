@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,8 @@ MAX_BACKLOG = 65536  # messages waiting for poll(); beyond that they are counted
 MAX_BATCH = 4096  # messages handled per poll() call, so the display and signals stay responsive
 READ_WAIT_S = 0.2  # how long the reader thread blocks before it looks at the stop flag
 SEQ_MOD = 1 << 32
+REPEAT_WINDOW_S = 130.0  # TCP gives up retransmitting a SYN after about 127 s
+MAX_RECENT = 65536
 CAP_NET_ADMIN = 12
 
 
@@ -107,6 +109,8 @@ class NetfilterInput:
         self.losses = LossCounter()
         self.connects = 0
         self.ignored = 0  # packets that were not a connection's start (a broad rule of the user's)
+        self.repeats = 0  # SYN retransmits, and UDP packets before the first reply (conntrack still says NEW)
+        self._recent: OrderedDict[tuple[Any, ...], float] = OrderedDict()
         self.backlog_dropped = 0
         self._backlog: deque[Received] = deque()
         self._ready = threading.Condition()
@@ -197,11 +201,23 @@ class NetfilterInput:
             if packet is None or not packet.is_connection_start:
                 self.ignored += 1
                 continue
+            if self._repeated(packet, item.at):
+                self.repeats += 1
+                continue
             starts.append((item, packet))
         owners = self.sockets.owners([p for _, p in starts]) if starts else []
         for (item, packet), owner in zip(starts, owners, strict=True):
             self.connects += 1
             emit(self._connection(item, packet, owner))
+
+    def _repeated(self, packet: packets.Packet, at: float) -> bool:
+        """Whether this 5-tuple started a connection moments ago: the same connection, not a new one."""
+        key = (packet.protocol, packet.src, packet.sport, packet.dst, packet.dport)
+        seen = self._recent.pop(key, None)
+        self._recent[key] = at
+        if len(self._recent) > MAX_RECENT:
+            self._recent.popitem(last=False)
+        return seen is not None and at - seen < REPEAT_WINDOW_S
 
     def _connection(self, item: Received, packet: packets.Packet, owner: Any) -> Connection:
         uid = item.uid if item.uid is not None else (owner.uid if owner else -1)
