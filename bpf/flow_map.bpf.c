@@ -17,6 +17,12 @@
 
 BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
 BPF_PERCPU_ARRAY(stats, u64, EA_STAT_SLOTS);
+#ifdef EA_CGROUP_FILTER
+/* trace -- CMD (egress_auditor/command.py): only connects from the command's
+ * cgroup (EA_CGROUP_ID, at depth EA_CGROUP_LEVEL) and cgroups below it are
+ * counted, so a host flow with the same key never hides the command's. */
+BPF_HASH(command_cgroups, u64, u8, 1024);
+#endif
 #ifdef EA_USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, EA_RINGBUF_PAGES);
 #else
@@ -60,6 +66,12 @@ static __always_inline void fill_identity(struct ea_connect_event *ev)
     ev->gid = ids >> 32;
     ev->cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+#ifdef EA_CGROUP_FILTER
+    if (bpf_get_current_ancestor_cgroup_id(EA_CGROUP_LEVEL) == EA_CGROUP_ID) {
+        u8 inside = 1;
+        command_cgroups.update(&ev->cgroup_id, &inside);
+    }
+#endif
 }
 
 /* Count the connect in its flow; only a flow's first connect (or any
@@ -71,6 +83,10 @@ static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev)
     struct ea_flow_stats *known;
     u64 now = bpf_ktime_get_ns();
 
+#ifdef EA_CGROUP_FILTER
+    if (!command_cgroups.lookup(&ev->cgroup_id))
+        return;
+#endif
     count_stat(EA_STAT_CONNECTS);
     ev->ts_ns = now;
     __builtin_memcpy(key.daddr, ev->daddr, sizeof(key.daddr));

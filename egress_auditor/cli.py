@@ -35,7 +35,9 @@ TRACE_EPILOG = """Examples:\n
   sudo egress-auditor trace --duration 60 > rules.sh\n
   sudo egress-auditor trace -t 5m -O iptables:verbose:2\n
   sudo egress-auditor trace -O iptables:format:restore -O iptables:policy:drop > rules.v4\n
-  sudo egress-auditor -i ebpf -o iptables -O iptables:verbose:2   (the Go tool's form)"""
+  sudo egress-auditor -i ebpf -o iptables -O iptables:verbose:2   (the Go tool's form)\n
+  sudo egress-auditor trace -O iptables:scope:cgroup -t 1h   (each rule only for the service that needed it)\n
+  sudo egress-auditor trace -- pip install -r requirements.txt > rules.sh   (one command, run as you)"""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
@@ -79,9 +81,21 @@ def trace(
     output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
     no_live: bool = typer.Option(False, "--no-live", help="One line per new flow on stderr instead of the live table."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    no_lineage: bool = typer.Option(
+        False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
+    ),
+    command: list[str] = typer.Argument(
+        None,
+        metavar="[-- CMD ARGS...]",
+        help="Run CMD (as the sudo user) in a cgroup of its own, record only its connections and its "
+        "descendants', stop when it exits, and exit with its status. Its stdout goes to stderr.",
+        show_default=False,
+    ),
 ) -> None:
     """Watch new outbound connections; print the rules that allow them on exit."""
+    from egress_auditor.command import AuditedCommand, invoking_user
     from egress_auditor.flows import FlowTable
+    from egress_auditor.lineage import LineageTracer
     from egress_auditor.live import LiveTable, PlainLog
     from egress_auditor.trace import TraceRun
 
@@ -90,7 +104,9 @@ def trace(
     output_sel = select("output", outputs, output_options, default="iptables")
     table = FlowTable()
     console = Console(stderr=True)
-    display = PlainLog(sys.stderr) if no_live or not console.is_terminal else LiveTable(console, table)
+    # The command's own output shares the terminal: one line per flow reads better than a redrawn table.
+    plain = no_live or bool(command) or not console.is_terminal
+    display = PlainLog(sys.stderr) if plain else LiveTable(console, table)
     run = TraceRun(
         inputs=input_sel.create(),
         outputs=output_sel.create(),
@@ -98,6 +114,8 @@ def trace(
         duration=seconds,
         count=count,
         table=table,
+        lineage=None if no_lineage else LineageTracer(),
+        command=AuditedCommand(command, user=invoking_user()) if command else None,
     )
     raise typer.Exit(run.run())
 

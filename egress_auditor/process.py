@@ -1,4 +1,6 @@
-"""Process attribution: who made a connection, read from /proc when it arrives.
+"""Process attribution: who made a connection. `Attributor` asks the kernel
+lineage first (lineage.py); `ProcessResolver` reads /proc when a connection
+arrives.
 
 Lookups are cached by (pid, start time) so a reused PID never takes another
 process's identity, and the cache is bounded.
@@ -6,13 +8,16 @@ process's identity, and the cache is bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import pwd
 from collections import OrderedDict
 from functools import lru_cache
+from typing import Protocol
 
 import psutil
 
-from egress_auditor.model import Attribution, Process
+from egress_auditor.cgroups import service_of
+from egress_auditor.model import Attribution, Connection, Process
 
 # A process whose start is this much after the event cannot have made it.
 _START_SLACK_S = 0.5
@@ -90,3 +95,42 @@ class ProcessResolver:
             parent=parent,
             attribution=Attribution.PROC,
         )
+
+
+class LineageLookup(Protocol):
+    """What the attributor needs of lineage.ProcessTable (kept apart: lineage imports this module)."""
+
+    def process(self, pid: int, at: float, uid: int | None = None, gid: int | None = None) -> Process | None: ...
+
+
+class CgroupLookup(Protocol):
+    def path(self, cgroup_id: int) -> str | None: ...
+
+
+class Attributor:
+    """Who made a connection: the kernel lineage when it saw the process run,
+    else /proc read now, else the kernel's task name only; then the cgroup
+    and the service or container it belongs to."""
+
+    def __init__(
+        self,
+        lineage: LineageLookup | None = None,
+        resolver: ProcessResolver | None = None,
+        cgroups: CgroupLookup | None = None,
+    ) -> None:
+        self.lineage = lineage
+        self.resolver = resolver or ProcessResolver()
+        self.cgroups = cgroups
+
+    def attribute(self, conn: Connection) -> Process:
+        process = None
+        if self.lineage is not None and conn.pid > 0:
+            process = self.lineage.process(conn.pid, conn.time, conn.uid, conn.gid)
+        if process is None:
+            process = self.resolver.resolve(conn.pid, conn.comm, conn.uid, conn.time)
+            if process.attribution is Attribution.PROC and conn.process.attribution is Attribution.SOCKET:
+                process = dataclasses.replace(process, attribution=Attribution.SOCKET)  # pid from a socket match
+        cgroup = self.cgroups.path(conn.cgroup_id) if self.cgroups is not None and conn.cgroup_id else None
+        if cgroup is not None:
+            process = dataclasses.replace(process, cgroup=cgroup, service=service_of(cgroup))
+        return process

@@ -1,5 +1,17 @@
 """The trace run: wires inputs, attribution, the flow table, outputs and the
-display; owns signals and the clock; always ends with the rules on stdout."""
+display; owns signals and the clock; always ends with the rules on stdout.
+
+Each turn of the loop polls the inputs (connections are only queued), then
+applies the process lineage the kernel wrote meanwhile, then attributes the
+queued connections: an exec that happened before a connect is always known
+by the time that connect is attributed.
+
+With a command (`trace -- CMD`), only connections from the command's cgroup
+are recorded, the run ends when the command exits, and its exit status is
+the run's. Stop signals are then taken with sigtimedwait: one sent by the
+terminal already reached the command (same process group), one sent by
+kill(1) is passed on to it; the rules follow once the command has exited.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +25,20 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
+from egress_auditor.cgroups import CgroupResolver
+from egress_auditor.command import STOP_SIGNALS, AuditedCommand
+from egress_auditor.escape import terminal_text
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs import InputStats
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
-from egress_auditor.process import ProcessResolver
+from egress_auditor.process import Attributor, ProcessResolver
 
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
 SYNC_S = 1.0
+SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
+KILL_AFTER_SIGNALS = 3  # stop requests the command may ignore before its cgroup is killed
+TERM_GRACE_S = 5.0  # after --duration/--count ends a command's run: SIGTERM, then SIGKILL this much later
 
 
 @dataclass
@@ -34,27 +52,64 @@ class TraceRun:
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
     resolver: ProcessResolver = field(default_factory=ProcessResolver)
     table: FlowTable = field(default_factory=FlowTable)
+    lineage: Any = None  # lineage.LineageTracer; None: /proc at event time only
+    command: AuditedCommand | None = None
+    cgroups: CgroupResolver = field(default_factory=CgroupResolver)
 
     def __post_init__(self) -> None:
         self._stop_reason: str | None = None
+        self._reopen_requested = False
         self._attach: list[str] = []
         self._output_errors: dict[str, str] = {}
         self._started = time.time()
+        self._queued: list[Connection] = []
+        self._outside = 0  # connections from outside the command's cgroup, not recorded
+        self._stop_requests = 0
+        self._term_sent: float | None = None
+        self._exit_status = 0
+        self.attributor = Attributor(None, self.resolver, self.cgroups)
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stop_reason = signal.Signals(signum).name
 
+    def _on_hangup(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reopen_requested = True
+
     def _install_signals(self) -> dict[int, Any]:
         previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in STOP_SIGNALS:
             previous[signum] = signal.signal(signum, self._on_signal)
+        # SIGHUP asks outputs to reopen their files (logrotate); it does not end the run.
+        previous.setdefault(signal.SIGHUP, signal.signal(signal.SIGHUP, self._on_hangup))
+        if self.command is not None:
+            # Held pending and read in the loop, so each can be told apart by its sender.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         return previous
+
+    def _take_signals(self) -> None:
+        """With a command: pass stop signals on to it (it ends the run by exiting)."""
+        while True:
+            info = signal.sigtimedwait(STOP_SIGNALS, 0)
+            if info is None:
+                return
+            assert self.command is not None
+            if self.command.poll() is not None:
+                self._stop_reason = signal.Signals(info.si_signo).name
+                continue
+            self._stop_requests += 1
+            if self._stop_requests >= KILL_AFTER_SIGNALS:
+                print("egress-auditor: the command ignores stop signals: killing its cgroup", file=self.stderr)
+                self.command.kill_all()
+            elif info.si_code != SI_KERNEL:
+                self.command.send(info.si_signo)
 
     # -- events --------------------------------------------------------------
     def _receive(self, conn: Connection) -> None:
-        process = self.resolver.resolve(conn.pid, conn.comm, conn.uid, conn.time)
-        conn = dataclasses.replace(conn, process=process)
+        if self.command is not None and not self.command.owns(conn.cgroup_id, self.cgroups):
+            self._outside += conn.repeats
+            return
+        conn = dataclasses.replace(conn, process=self.attributor.attribute(conn))
         flow, is_new = self.table.add(conn)
         for sink in (*self.outputs, self.display):
             self._deliver(sink, lambda s: s.connection(conn, flow, is_new))
@@ -68,12 +123,28 @@ class TraceRun:
                 self._output_errors[name] = f"{type(exc).__name__}: {exc}"
                 print(f"egress-auditor: output {name} failed: {exc}", file=self.stderr)
 
+    def _reopen_outputs(self) -> None:
+        self._reopen_requested = False
+        for sink in self.outputs:
+            if hasattr(sink, "reopen"):
+                self._deliver(sink, lambda s: s.reopen())
+
     def _on_count(self, key: FlowKey, count: int, last_seen: float) -> None:
         self.table.set_kernel_count(key, count, last_seen)
 
     def _sync(self) -> None:
         for source in self.inputs:
             source.sync(self._receive, self._on_count)
+
+    def _poll(self, timeout_s: float) -> None:
+        """Connections first (queued), then the lineage written meanwhile, then attribution."""
+        for source in self.inputs:
+            source.poll(timeout_s, self._queued.append)
+        if self.lineage is not None:
+            self.lineage.consume()
+        queued, self._queued = self._queued, []
+        for conn in queued:
+            self._receive(conn)
 
     def stats(self) -> InputStats:
         total = InputStats()
@@ -93,19 +164,34 @@ class TraceRun:
             "elapsed": f"{elapsed:.0f}s",
             "remaining": remaining,
             "flows": str(len(self.table)),
-            "connections": str(max(s.connects, self.table.connects)),
+            "connections": str(self._connects_from(s)),
             "lost events": str(s.events_lost),
         }
 
     # -- the run -------------------------------------------------------------
     def run(self) -> int:
+        """The whole run; returns the exit status (the command's, with one)."""
         previous = self._install_signals()
         running = False
         try:
+            if self.command is not None:
+                cgroup = self.command.prepare()
+                for source in self.inputs:
+                    # Inputs that can filter in the kernel keep the command's flows apart from the host's.
+                    if hasattr(source, "restrict_to_cgroup"):
+                        source.restrict_to_cgroup(cgroup.id, cgroup.depth)
             for source in self.inputs:
                 self._attach.append(f"{source.name}: {source.open()}")
                 print(
                     f"egress-auditor: {source.name} input attached: {self._attach[-1].split(': ', 1)[1]}",
+                    file=self.stderr,
+                )
+            self._open_lineage()
+            if self.command is not None:
+                self.command.start(unblock=set(STOP_SIGNALS))
+                print(
+                    f"egress-auditor: following the command (pid {self.command.pid}) in cgroup "
+                    f"{terminal_text(self.command.cgroup.relative if self.command.cgroup else '?')}",
                     file=self.stderr,
                 )
             self._started = time.time()
@@ -124,19 +210,51 @@ class TraceRun:
                 else:
                     self._close_inputs()
             finally:
+                if self.command is not None:
+                    self.command.cleanup()
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
-        return 0
+        return self._exit_status
+
+    def _open_lineage(self) -> None:
+        if self.lineage is None:
+            return
+        try:
+            what = self.lineage.open()
+        except Exception as exc:  # attribution falls back to /proc: the run itself can go on
+            print(f"egress-auditor: process lineage unavailable ({exc}): reading /proc instead", file=self.stderr)
+            self.lineage = None
+            return
+        self.attributor.lineage = self.lineage.table
+        self._attach.append(f"lineage: {what}")
+        print(f"egress-auditor: process lineage attached: {what}", file=self.stderr)
+
+    def _check_command(self) -> None:
+        assert self.command is not None
+        self._take_signals()
+        status = self.command.poll()
+        if status is not None:
+            self._exit_status = status
+            self._stop_reason = "command exited"
+            return
+        if self._term_sent is not None and time.monotonic() - self._term_sent > TERM_GRACE_S:
+            self.command.kill_all()
 
     def _loop(self) -> None:
         next_sync = time.monotonic() + SYNC_S
         while self._stop_reason is None:
             now = time.time()
+            if self._reopen_requested:
+                self._reopen_outputs()
+            if self.command is not None:
+                self._check_command()
+                if self._stop_reason is not None:
+                    break
             if self.duration is not None and now - self._started >= self.duration:
-                self._stop_reason = "duration"
-                break
-            for source in self.inputs:
-                source.poll(POLL_S / len(self.inputs), self._receive)
+                if self._end_command("duration"):
+                    break
+            self._poll(POLL_S / max(1, len(self.inputs)))
             if time.monotonic() >= next_sync:
                 began = time.monotonic()
                 self._sync()
@@ -144,25 +262,38 @@ class TraceRun:
                 cost = time.monotonic() - began
                 next_sync = time.monotonic() + max(SYNC_S, 10 * cost)
             if self.count is not None and self._connects() >= self.count:
-                self._stop_reason = "count"
+                self._end_command("count")
             self.display.refresh(self.status(time.time()))
 
+    def _end_command(self, reason: str) -> bool:
+        """--duration or --count reached: stop now, or first ask the command to end (True: stop now)."""
+        if self.command is None or self.command.poll() is not None:
+            self._stop_reason = reason
+            return True
+        if self._term_sent is None:
+            self._term_sent = time.monotonic()
+            self.command.send(signal.SIGTERM)
+        return False
+
     def _close_inputs(self) -> None:
-        for source in self.inputs:
+        for source in [*self.inputs, *([self.lineage] if self.lineage is not None else [])]:
             try:
                 source.close()
             except Exception as exc:
                 print(f"egress-auditor: closing {source.name} failed: {exc}", file=self.stderr)
 
     def _connects(self) -> int:
-        return max(self.stats().connects, self.table.connects)
+        return self._connects_from(self.stats())
+
+    def _connects_from(self, stats: InputStats) -> int:
+        # With a command, the kernel's host-wide count says nothing about it.
+        return self.table.connects if self.command is not None else max(stats.connects, self.table.connects)
 
     def _finish(self) -> None:
-        for source in self.inputs:
-            try:
-                source.poll(0, self._receive)
-            except Exception as exc:
-                print(f"egress-auditor: draining {source.name} failed: {exc}", file=self.stderr)
+        try:
+            self._poll(0)
+        except Exception as exc:
+            print(f"egress-auditor: draining the buffers failed: {exc}", file=self.stderr)
         try:
             self._sync()
         except Exception as exc:
@@ -179,7 +310,7 @@ class TraceRun:
             host=socket.gethostname(),
             inputs=[s.name for s in self.inputs],
             attach="; ".join(self._attach) or "none",
-            connects=max(stats.connects, self.table.connects),
+            connects=self._connects_from(stats),
             events_lost=stats.events_lost,
             map_full=stats.map_full,
         )
@@ -193,6 +324,8 @@ class TraceRun:
         reason = {"duration": "duration reached", "count": "count reached"}.get(
             self._stop_reason or "", self._stop_reason or "stopped"
         )
+        if self.command is not None:
+            reason += f", exit status {self._exit_status}; {self._outside} connections from outside it not recorded"
         print(
             f"egress-auditor: stopped ({reason}): {len(flows)} flows, {summary.connects} connections, "
             f"{summary.events_lost} events lost",

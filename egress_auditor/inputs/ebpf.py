@@ -192,6 +192,7 @@ class EbpfInput:
         self._links: list[int] = []  # bpf_link fds: closing them detaches, even on SIGKILL
         self._legacy_attached: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) without links
         self._cgroup_fd: int | None = None
+        self._command_cgroup: tuple[int, int] | None = None  # (id, depth): see restrict_to_cgroup
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this maps it to wall time.
         self._epoch_offset = time.time() - time.monotonic()
 
@@ -216,6 +217,9 @@ class EbpfInput:
             f"-DEA_MAX_FLOWS={self.options['max_flows']}",
             f"-DEA_RINGBUF_PAGES={self.options['pages']}",
         ]
+        if self._command_cgroup is not None:
+            cflags += ["-DEA_CGROUP_FILTER", f"-DEA_CGROUP_ID={self._command_cgroup[0]}ULL"]
+            cflags.append(f"-DEA_CGROUP_LEVEL={self._command_cgroup[1]}")
         try:
             self.bpf = BPF(text=program_text(self.plan.pieces(), src), cflags=cflags)
             if self.plan.path == "kprobe":
@@ -238,6 +242,10 @@ class EbpfInput:
             self.close()
             raise AuditorError(f"could not load the BPF programs ({self.plan.describe()}): {exc}") from exc
         return self.plan.describe() + mounted
+
+    def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
+        """Before open(): count only connects from this cgroup v2 and below it (trace -- CMD)."""
+        self._command_cgroup = (cgroup_id, depth)
 
     def _attach_cgroup(self, programs: list[tuple[str, str, str]]) -> None:
         """Attach at the cgroup v2 root through BPF links (5.7+), beside any
