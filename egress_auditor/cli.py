@@ -120,6 +120,43 @@ def trace(
     raise typer.Exit(run.run())
 
 
+RULES_EPILOG = """Examples:\n
+  egress-auditor rules --from web-1.jsonl --from web-2.jsonl -o nftables > egress.nft\n
+  egress-auditor rules --from flows.jsonl -O iptables:format:restore -O iptables:policy:drop > rules.v4\n
+  logcli query --output raw '{job="egress-auditor"}' | egress-auditor rules --from - -o nftables"""
+
+# Outputs that stream records rather than render rules: nothing to rebuild them from.
+STREAMING_OUTPUTS = ("json", "loki")
+
+
+@app.command(epilog=RULES_EPILOG)
+def rules(
+    sources: list[str] = typer.Option(
+        [], "--from", "-f", help="A capture written by -o json (or its lines from Loki); repeatable; - is stdin."
+    ),
+    outputs: list[str] = typer.Option([], "--output", "-o", help="Output plugin (repeatable); default iptables."),
+    output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Write the rules for saved captures, merging hosts and runs; needs no kernel access."""
+    from egress_auditor.capture import read_captures
+
+    if not sources:
+        raise UsageError("rules needs at least one --from FILE: a capture written by trace -o json")
+    firewalls = {n: p for n, p in registered("output").items() if n not in STREAMING_OUTPUTS}
+    output_sel = select("output", outputs, output_options, default="iptables", available=firewalls)
+    capture = read_captures(sources)
+    for note in capture.notes:
+        print(f"egress-auditor: {note}", file=sys.stderr)
+    texts = [output.finish(capture.flows, capture.summary) for output in output_sel.create()]
+    sys.stdout.write("".join(texts))
+    sys.stdout.flush()
+    print(
+        f"egress-auditor: {len(capture.flows)} flows from {capture.runs} run(s) on {capture.summary.host}",
+        file=sys.stderr,
+    )
+
+
 def list_plugins() -> None:
     for kind in ("input", "output"):
         flag = "-I" if kind == "input" else "-O"
@@ -147,11 +184,14 @@ def doctor() -> None:
     results = host.checks()
     table = Table(title="egress-auditor doctor")
     for column in ("check", "state", "detail", "fix"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a fix cut short is no fix
     for check in results:
         state = "ok" if check.ok else ("MISSING" if check.required else "absent (optional)")
         table.add_row(check.name, state, check.detail, "" if check.ok else check.fix)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
     if any(c.required and not c.ok for c in results):
         raise typer.Exit(1)
 

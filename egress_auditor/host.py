@@ -19,6 +19,7 @@ TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/traci
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 TRACEPOINTS = (("sock", "inet_sock_set_state"),)
 KPROBE_FUNCTIONS = ("tcp_v4_connect", "tcp_v6_connect")
+SYSCALL_TRACEPOINTS = (("enter", "sendto"), ("enter", "sendmsg"), ("enter", "connect"), ("exit", "connect"))
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _BPF_MAP_CREATE = 0
 _BPF_MAP_TYPE_RINGBUF = 27
@@ -203,6 +204,26 @@ def checks() -> list[Check]:
                 required=not kprobes_ok,
             )
         )
+    cgroup_root = cgroup2_root()
+    result.append(
+        Check(
+            "cgroup v2 (UDP and DNS hooks)",
+            cgroup_root is not None,
+            str(cgroup_root or "not mounted"),
+            "mount -t cgroup2 none /sys/fs/cgroup/unified (UDP falls back to syscall tracepoints)",
+            required=False,
+        )
+    )
+    syscalls = all(tracepoint_exists("syscalls", f"sys_{edge}_{call}") for edge, call in SYSCALL_TRACEPOINTS)
+    result.append(
+        Check(
+            "syscall tracepoints (UDP fallback)",
+            syscalls,
+            "present" if syscalls else "absent (CONFIG_FTRACE_SYSCALLS not set?)",
+            "none needed where cgroup v2 and the ring buffer are there",
+            required=False,
+        )
+    )
     if privileged:
         ring = ringbuf_supported()
         result.append(

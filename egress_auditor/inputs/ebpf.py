@@ -89,12 +89,9 @@ class AttachPlan:
         return flags
 
 
-SYSCALL_TRACEPOINTS = ("sys_enter_sendto", "sys_enter_sendmsg", "sys_enter_connect", "sys_exit_connect")
-
-
 def _plan_udp(udp: str, ring_ok: bool, cgroup_root: str | None) -> tuple[str, str]:
     """The UDP path and why: cgroup hooks need cgroup v2 and the ring buffer."""
-    syscalls_ok = all(host.tracepoint_exists("syscalls", name) for name in SYSCALL_TRACEPOINTS)
+    syscalls_ok = all(host.tracepoint_exists("syscalls", f"sys_{e}_{c}") for e, c in host.SYSCALL_TRACEPOINTS)
     cgroup_ok = cgroup_root is not None and ring_ok
     why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
     if udp == "off":
@@ -235,7 +232,8 @@ class EbpfInput:
             if self.plan.buffer == "ringbuf":
                 events.open_ring_buffer(self._on_event)
             else:
-                events.open_perf_buffer(self._on_event, page_cnt=self.options["pages"])
+                # The kernel counter already has these losses; without a callback BCC prints them on stderr.
+                events.open_perf_buffer(self._on_event, page_cnt=self.options["pages"], lost_cb=lambda _lost: None)
             if self.plan.dns:
                 self.bpf["dns_events"].open_ring_buffer(self._on_dns)
         except Exception as exc:  # BCC raises bare Exception for compile and attach failures
