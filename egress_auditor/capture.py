@@ -1,0 +1,231 @@
+"""Saved captures read back into flows: the JSON Lines that `-o json` writes
+(or the same lines exported from Loki), from one or many hosts and runs.
+
+Each run is rebuilt on its own (its flow records, then its summary's final
+counts), then runs are merged flow by flow. A record seen twice (a file given
+twice, a file and a Loki export of the same run) counts once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egress_auditor.errors import AuditorError, UsageError
+from egress_auditor.flows import FlowTable
+from egress_auditor.model import Attribution, Connection, Family, Flow, FlowKey, Process, Protocol, Summary
+from egress_auditor.records import VERSION
+
+_FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6}
+
+
+class CaptureError(AuditorError):
+    """A capture that is not what `-o json` writes: names the file and line."""
+
+
+@dataclass
+class Run:
+    id: str
+    host: str
+    table: FlowTable = field(default_factory=FlowTable)
+    summary: dict[str, Any] | None = None
+
+
+@dataclass
+class Capture:
+    flows: list[Flow]
+    summary: Summary
+    runs: int
+    notes: list[str]  # what the reader could not vouch for, for stderr
+
+
+def _process(record: dict[str, Any]) -> Process:
+    parent = record["parent"]
+    return Process(
+        pid=int(record["pid"]),
+        name=str(record["name"]),
+        uid=record["uid"],
+        user=record["user"],
+        exe=record["exe"],
+        cmdline=tuple(str(a) for a in record["cmdline"]),
+        start_time=record["start_time"],
+        parent=_process(parent) if parent is not None else None,
+        attribution=Attribution(record["attribution"]),
+        gid=record["gid"],
+        cgroup=record["cgroup"],
+        service=record["service"],
+    )
+
+
+def _key(record: dict[str, Any]) -> FlowKey:
+    return FlowKey(
+        Protocol[str(record["protocol"]).upper()],
+        _FAMILIES[record["family"]],
+        ipaddress.ip_address(record["dst"]),
+        int(record["dport"]),
+        int(record["uid"]),
+        str(record["comm"]),
+    )
+
+
+def connection(record: dict[str, Any]) -> Connection:
+    """The Connection a flow record was written from."""
+    key = _key(record)
+    src = record["src"]
+    return Connection(
+        time=float(record["time"]),
+        protocol=key.protocol,
+        family=key.family,
+        src=ipaddress.ip_address(src) if src is not None else None,
+        sport=int(record["sport"]),
+        dst=key.dst,
+        dport=key.dport,
+        pid=int(record["pid"]),
+        uid=key.uid,
+        gid=int(record["gid"]) if record["gid"] is not None else -1,
+        comm=key.comm,
+        input=str(record["input"]),
+        process=_process(record["process"]),
+        repeats=int(record["repeats"]),
+        tid=int(record["tid"]),
+        cgroup_id=int(record["cgroup_id"]),
+        hostname=record["hostname"],
+    )
+
+
+def _apply_totals(run: Run, summary: dict[str, Any]) -> None:
+    """Final counts and times; a flow whose own record never arrived (a Loki
+    buffer drop) is still rebuilt, with only what its totals say."""
+    for totals in summary["totals"]:
+        key = _key(totals)
+        flow = run.table.get(key)
+        if flow is None:
+            process = Process(pid=0, name=key.comm, uid=key.uid, attribution=Attribution.NAME_ONLY)
+            stand_in = Connection(
+                time=float(totals["first_seen"]), protocol=key.protocol, family=key.family, src=None, sport=0,
+                dst=key.dst, dport=key.dport, pid=0, uid=key.uid, gid=0, comm=key.comm,
+                input=",".join(totals["inputs"]) or "capture", process=process,
+            )  # fmt: skip
+            flow, _ = run.table.add(stand_in)
+        run.table.set_kernel_count(key, int(totals["count"]), float(totals["last_seen"]))
+        flow.hostnames.update(str(h) for h in totals["hostnames"])
+        flow.inputs.update(str(i) for i in totals["inputs"])
+
+
+def _lines(source: str) -> Iterator[tuple[int, str]]:
+    if source == "-":
+        yield from enumerate(sys.stdin, 1)
+        return
+    try:
+        with Path(source).open(encoding="utf-8", errors="surrogateescape") as handle:
+            yield from enumerate(handle, 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read capture {source!r}: {exc.strerror}") from None
+
+
+def _read(source: str, runs: dict[str, Run]) -> int:
+    count = 0
+    for number, text in _lines(source):
+        if not text.strip():
+            continue
+        where = f"{'stdin' if source == '-' else source}:{number}"
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            raise CaptureError(f"{where}: not JSON ({exc.msg}); expected lines written by -o json") from None
+        if not isinstance(record, dict) or record.get("version") != VERSION:
+            version = record.get("version") if isinstance(record, dict) else None
+            raise CaptureError(f"{where}: record version {version!r}; this egress-auditor reads version {VERSION}")
+        try:
+            run = runs.setdefault(record["run"], Run(record["run"], str(record["host"])))
+            if record["type"] == "flow":
+                conn = connection(record)
+                if (key := _key(record)) not in run.table:  # each flow has one record per run: more is a repeat
+                    run.table.add(conn)
+                else:
+                    run.table.get(key).processes.setdefault(  # type: ignore[union-attr]
+                        (conn.process.pid, conn.process.start_time), conn.process
+                    )
+            elif record["type"] == "summary":
+                run.summary = record
+            else:
+                raise ValueError(f"unknown record type {record['type']!r}")
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise CaptureError(f"{where}: not a valid version-{VERSION} record: {detail}") from None
+        count += 1
+    return count
+
+
+def _merge(flows: Iterable[Flow]) -> list[Flow]:
+    merged: dict[FlowKey, Flow] = {}
+    for flow in flows:
+        into = merged.get(flow.key)
+        if into is None:
+            merged[flow.key] = Flow(
+                flow.key, flow.first_seen, flow.last_seen, flow.count,
+                dict(flow.processes), set(flow.inputs), set(flow.hostnames),
+            )  # fmt: skip
+            continue
+        into.first_seen = min(into.first_seen, flow.first_seen)
+        into.last_seen = max(into.last_seen, flow.last_seen)
+        into.count += flow.count
+        for key, process in flow.processes.items():
+            into.processes.setdefault(key, process)
+        into.inputs |= flow.inputs
+        into.hostnames |= flow.hostnames
+    return [merged[k] for k in sorted(merged)]
+
+
+def read_captures(sources: Iterable[str]) -> Capture:
+    """Flows and one summary from every run in the given captures ("-": stdin)."""
+    runs: dict[str, Run] = {}
+    notes: list[str] = []
+    for source in sources:
+        if _read(source, runs) == 0:
+            notes.append(f"{source}: no records")
+    for run in runs.values():
+        if run.summary is not None:
+            try:
+                _apply_totals(run, run.summary)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise CaptureError(f"run {run.id} on {run.host}: summary not a valid version-1 record: {exc}") from None
+        else:
+            notes.append(
+                f"run {run.id} on {run.host} has no summary (the capture ends early): "
+                "counts and last-seen times are those of each flow's first record"
+            )
+    return Capture(_merge(f for run in runs.values() for f in run.table), _summary(runs), len(runs), notes)
+
+
+def _summary(runs: dict[str, Run]) -> Summary:
+    if not runs:
+        return Summary(started=0.0, ended=0.0, host="none", inputs=[], attach="no captured runs")
+    starts, ends, inputs, attach = [], [], set(), {}
+    connects = lost = map_full = 0
+    for run in runs.values():
+        times = [t for f in run.table for t in (f.first_seen, f.last_seen)]
+        s = run.summary
+        starts.append(float(s["started"]) if s else min(times, default=0.0))
+        ends.append(float(s["ended"]) if s else max(times, default=0.0))
+        inputs.update(s["inputs"] if s else {i for f in run.table for i in f.inputs})
+        attach.setdefault(f"{run.host}: {s['attach'] if s else 'unknown (no summary)'}", None)
+        connects += int(s["connects"]) if s else run.table.connects
+        lost += int(s["events_lost"]) if s else 0
+        map_full += int(s["map_full"]) if s else 0
+    many = len(runs) > 1
+    return Summary(
+        started=min(starts),
+        ended=max(ends),
+        host=", ".join(sorted({r.host for r in runs.values()})),
+        inputs=sorted(inputs),
+        attach=(f"{len(runs)} runs from captures: " if many else "from a capture: ") + "; ".join(attach),
+        connects=connects,
+        events_lost=lost,
+        map_full=map_full,
+    )

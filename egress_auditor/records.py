@@ -1,0 +1,115 @@
+"""JSON records of a run, shared by the json and loki outputs and read back by
+capture.py: one `flow` record per new flow, one `summary` record at the end.
+
+The format is versioned; egress_auditor/schema/flow-v1.json describes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+from egress_auditor.model import Connection, Flow, Process, Summary
+
+VERSION = 1
+SCHEMA_FILE = "flow-v1.json"
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of version 1, as shipped inside the package."""
+    return json.loads(resources.files("egress_auditor").joinpath("schema", SCHEMA_FILE).read_text())
+
+
+def utc(seconds: float) -> str:
+    micros = round(seconds * 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(micros // 1_000_000)) + f".{micros % 1_000_000:06d}Z"
+
+
+def process_record(process: Process) -> dict[str, Any]:
+    return {
+        "pid": process.pid,
+        "name": process.name,
+        "uid": process.uid,
+        "user": process.user,
+        "gid": process.gid,
+        "exe": process.exe,
+        "cmdline": list(process.cmdline),
+        "start_time": process.start_time,
+        "attribution": process.attribution.value,
+        "cgroup": process.cgroup,
+        "service": process.service,
+        "parent": process_record(process.parent) if process.parent is not None else None,
+    }
+
+
+def flow_record(conn: Connection, run: str, host: str) -> dict[str, Any]:
+    """The connection that made a flow new, with its process."""
+    return {
+        "version": VERSION,
+        "type": "flow",
+        "run": run,
+        "host": host,
+        "time": conn.time,
+        "time_utc": utc(conn.time),
+        "input": conn.input,
+        "protocol": conn.protocol.name.lower(),
+        "family": conn.family.label.lower(),
+        "src": str(conn.src) if conn.src is not None else None,
+        "sport": conn.sport,
+        "dst": str(conn.dst),
+        "dport": conn.dport,
+        "hostname": conn.hostname,
+        "pid": conn.pid,
+        "tid": conn.tid,
+        "uid": conn.uid,
+        "gid": conn.gid if conn.gid >= 0 else None,  # -1: a flow recovered from the kernel map
+        "comm": conn.comm,
+        "cgroup_id": conn.cgroup_id,
+        "repeats": conn.repeats,
+        "process": process_record(conn.process),
+    }
+
+
+def totals_record(flow: Flow) -> dict[str, Any]:
+    """A flow's final count and times, keyed as the flow records are."""
+    key = flow.key
+    return {
+        "protocol": key.protocol.name.lower(),
+        "family": key.family.label.lower(),
+        "dst": str(key.dst),
+        "dport": key.dport,
+        "uid": key.uid,
+        "comm": key.comm,
+        "count": flow.count,
+        "first_seen": flow.first_seen,
+        "last_seen": flow.last_seen,
+        "hostnames": sorted(flow.hostnames),
+        "inputs": sorted(flow.inputs),
+    }
+
+
+def summary_record(flows: list[Flow], summary: Summary, run: str) -> dict[str, Any]:
+    return {
+        "version": VERSION,
+        "type": "summary",
+        "run": run,
+        "host": summary.host,
+        "started": summary.started,
+        "ended": summary.ended,
+        "started_utc": utc(summary.started),
+        "duration": round(summary.ended - summary.started, 6),
+        "inputs": list(summary.inputs),
+        "attach": summary.attach,
+        "connects": summary.connects,
+        "events_lost": summary.events_lost,
+        "map_full": summary.map_full,
+        "flows": len(flows),
+        "totals": [totals_record(f) for f in flows],
+    }
+
+
+def line(record: dict[str, Any]) -> str:
+    """One line of ASCII: names from processes can neither end it nor steer a terminal."""
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n"
