@@ -25,6 +25,7 @@ FILEID_KERNFS = 0xFE  # the file handle type cgroupfs hands out: its 8 bytes are
 ROOT_ID = 1  # the root cgroup's id on every kernel with cgroup v2 ids (4.18+)
 # A cgroup id that matches no directory: walk the tree again at most this often.
 WALK_INTERVAL_S = 1.0
+AUDIT_CGROUP_PREFIX = "egress-auditor-"  # the transient cgroups of `trace -- CMD`, under the root
 
 
 def _unescape_mountinfo(text: str) -> str:
@@ -217,14 +218,14 @@ class AuditCgroup:
     root: Path
 
     @classmethod
-    def create(cls, root: Path | None = None, label: str = "egress-auditor") -> AuditCgroup:
+    def create(cls, root: Path | None = None) -> AuditCgroup:
         root = root if root is not None else cgroup2_mount()
         if root is None:
             raise AuditorError(
                 "no cgroup v2 hierarchy is mounted (needed to follow one command): "
                 "mount -t cgroup2 none /sys/fs/cgroup/unified"
             )
-        path = root / f"{label}-{os.getpid()}-{secrets.token_hex(3)}"
+        path = root / f"{AUDIT_CGROUP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         try:
             path.mkdir(mode=0o755)
         except OSError as exc:

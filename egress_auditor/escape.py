@@ -111,3 +111,22 @@ def nft_cgroup_path(path: str) -> str | None:
     if not parts or not all(_CGROUP_PART.fullmatch(p) and p not in (".", "..") for p in parts):
         return None
     return "/".join(parts)
+
+
+_IPTABLES_CGROUP_PART = re.compile(r"[A-Za-z0-9_.:@+=,-]+")
+
+
+def iptables_cgroup_path(path: str) -> str | None:
+    """A cgroup v2 path for `-m cgroup --path` (from the cgroup2 root, with a
+    leading /) as one bare word that sh and iptables-restore both read back
+    unchanged, or None if it cannot be written so.
+
+    The kernel looks the directory up by this exact name when the rule is
+    loaded, so it cannot be escaped; both parsers eat a backslash (systemd's
+    \\x2d escapes), so such paths are refused along with quotes, spaces,
+    control and non-ASCII characters and `.`/`..` parts.
+    """
+    parts = path.strip("/").split("/")
+    if not all(_IPTABLES_CGROUP_PART.fullmatch(p) and p not in (".", "..") for p in parts):
+        return None
+    return "/" + "/".join(parts)

@@ -7,40 +7,66 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from egress_auditor.escape import comment_line, rule_comment
+from egress_auditor import scope as scoping
+from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.provenance import header_lines, rule_lines
-from egress_auditor.rules import Rule, comment_text, rules_from_flows
+from egress_auditor.rules import comment_text
+from egress_auditor.scope import SCOPES, ScopedRule
 
 ESTABLISHED = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
 # Without neighbour discovery a DROP policy cuts IPv6 off entirely.
 NDP_TYPES = ("router-solicitation", "neighbour-solicitation", "neighbour-advertisement")
 
 
-def describe_rule(rule: Rule, verbose: int) -> list[str]:
+def describe_rule(scoped: ScopedRule, verbose: int) -> list[str]:
     """The `#` lines above a rule (provenance.rule_lines), escaped for a comment line."""
-    return ["# " + comment_line(line) for line in rule_lines(rule, verbose)]
+    lines = rule_lines(scoped.rule, verbose)
+    if scoped.note:
+        lines.append(f"  {scoped.note}")
+    return ["# " + comment_line(line) for line in lines]
 
 
-def rule_spec(rule: Rule) -> str:
+def scoped_rules(flows: list[Flow], scope: str) -> list[ScopedRule]:
+    """The grouping shared with the nftables output (scope.py), with cgroup paths as iptables takes them."""
+    return scoping.scoped_rules(flows, scope, iptables_cgroup_path, "iptables")
+
+
+def rule_spec(scoped: ScopedRule) -> str:
     """The match and target of a rule, shared by both formats."""
+    rule = scoped.rule
     proto = rule.protocol.name.lower()
     prefix = 32 if rule.family is Family.IPV4 else 128
     comment = rule_comment(comment_text(rule))
+    who = ""
+    if scoped.cgroup:  # already a bare word: iptables_cgroup_path refuses anything else
+        who = f"-m cgroup --path {scoped.cgroup} "
+    elif scoped.uid is not None:
+        who = f"-m owner --uid-owner {scoped.uid} "
     return (
-        f'-d {rule.dst}/{prefix} -p {proto} -m {proto} --dport {rule.dport} -m comment --comment "{comment}" -j ACCEPT'
+        f"-d {rule.dst}/{prefix} -p {proto} -m {proto} --dport {rule.dport} {who}"
+        f'-m comment --comment "{comment}" -j ACCEPT'
     )
 
 
-def render_commands(rules: list[Rule], summary: Summary, verbose: int, drop: bool) -> str:
-    lines = ["#!/bin/sh", *("# " + comment_line(h) for h in header_lines(summary))]
+def scope_lines(rules: list[ScopedRule], scope: str) -> list[str]:
+    if scope == "none":
+        return []
+    lines = [f"# scope: {scope}: each rule allows its destination only for the {scope} it was seen from"]
+    if any(s.cgroup for s in rules):
+        lines.append("# -m cgroup --path is looked up when a rule is loaded: each cgroup must exist then")
+    return lines
+
+
+def render_commands(rules: list[ScopedRule], summary: Summary, verbose: int, drop: bool, scope: str = "none") -> str:
+    lines = ["#!/bin/sh", *("# " + comment_line(h) for h in header_lines(summary)), *scope_lines(rules, scope)]
     if not rules:
         lines.append("# no connections seen")
-    for rule in rules:
-        binary = "iptables" if rule.family is Family.IPV4 else "ip6tables"
-        lines.extend(describe_rule(rule, verbose))
-        lines.append(f"{binary} -I OUTPUT {rule_spec(rule)}")
+    for scoped in rules:
+        binary = "iptables" if scoped.rule.family is Family.IPV4 else "ip6tables"
+        lines.extend(describe_rule(scoped, verbose))
+        lines.append(f"{binary} -I OUTPUT {rule_spec(scoped)}")
     if drop:
         # -I puts each rule first: these go last so they end up on top.
         lines.append("# default deny: only the connections above (and replies) are allowed")
@@ -53,10 +79,13 @@ def render_commands(rules: list[Rule], summary: Summary, verbose: int, drop: boo
     return "\n".join(lines) + "\n"
 
 
-def render_restore(rules: list[Rule], summary: Summary, family: Family, verbose: int, drop: bool) -> str:
+def render_restore(
+    rules: list[ScopedRule], summary: Summary, family: Family, verbose: int, drop: bool, scope: str = "none"
+) -> str:
     policy = "DROP" if drop else "ACCEPT"
     lines = [
         *("# " + comment_line(h) for h in header_lines(summary)),
+        *scope_lines([s for s in rules if s.rule.family is family], scope),
         f"# {family.label} rules for {'ip6tables' if family is Family.IPV6 else 'iptables'}-restore",
         "*filter",
         ":INPUT ACCEPT [0:0]",
@@ -66,10 +95,10 @@ def render_restore(rules: list[Rule], summary: Summary, family: Family, verbose:
     ]
     if family is Family.IPV6:
         lines.extend(f"-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT" for ndp in NDP_TYPES)
-    for rule in rules:
-        if rule.family is family:
-            lines.extend(describe_rule(rule, verbose))
-            lines.append(f"-A OUTPUT {rule_spec(rule)}")
+    for scoped in rules:
+        if scoped.rule.family is family:
+            lines.extend(describe_rule(scoped, verbose))
+            lines.append(f"-A OUTPUT {rule_spec(scoped)}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -98,19 +127,21 @@ class IptablesOutput:
         self.verbose: int = options["verbose"]
         self.drop: bool = options["policy"] == "drop"
         self.dir: str = options["dir"]
+        self.scope: str = options["scope"]
 
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
         """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
-        rules = rules_from_flows(flows)
+        rules = scoped_rules(flows, self.scope)
         if self.dir:
             target = Path(self.dir)
             for family, filename in ((Family.IPV4, "rules.v4"), (Family.IPV6, "rules.v6")):
-                write_atomically(target / filename, render_restore(rules, summary, family, self.verbose, self.drop))
+                text = render_restore(rules, summary, family, self.verbose, self.drop, self.scope)
+                write_atomically(target / filename, text)
         if self.format == "restore":
-            return render_restore(rules, summary, Family.IPV4, self.verbose, self.drop)
-        return render_commands(rules, summary, self.verbose, self.drop)
+            return render_restore(rules, summary, Family.IPV4, self.verbose, self.drop, self.scope)
+        return render_commands(rules, summary, self.verbose, self.drop, self.scope)
 
 
 PLUGIN = Plugin(
@@ -144,6 +175,13 @@ PLUGIN = Plugin(
             "",
             valid="a directory",
         ),
+        Option(
+            "scope",
+            "user: allow each destination only for the uid seen (-m owner --uid-owner); "
+            "cgroup: only for the cgroup v2 seen (-m cgroup --path), else its uid",
+            "none",
+            SCOPES,
+        ),
     ),
-    example="-o iptables -O iptables:verbose:2",
+    example="-o iptables -O iptables:verbose:2 -O iptables:scope:cgroup",
 )

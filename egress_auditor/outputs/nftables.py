@@ -7,18 +7,18 @@ ruleset and never touches any other table.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
 from egress_auditor.outputs.iptables import write_atomically
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.provenance import header_lines, rule_lines
-from egress_auditor.rules import Rule, comment_text, rules_from_flows
+from egress_auditor.rules import comment_text
+from egress_auditor.scope import ScopedRule
 
 TABLE = "egress_auditor"
 SET_MIN = 2  # a set is one rule however many destinations: worth it from two on
@@ -26,62 +26,9 @@ NDP = "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert 
 _ADDRESS = {Family.IPV4: ("ip", "ipv4_addr"), Family.IPV6: ("ip6", "ipv6_addr")}
 
 
-@dataclass(frozen=True)
-class ScopedRule:
-    """A rule and who it is allowed for: everyone, one uid, or one cgroup."""
-
-    rule: Rule
-    uid: int | None = None
-    cgroup: str | None = None  # as nft_cgroup_path returns it
-    note: str = ""  # why the scope asked for could not be used
-
-    @property
-    def cgroup_level(self) -> int:
-        return len(self.cgroup.split("/")) if self.cgroup else 0
-
-
-def _with_processes(flow: Flow, wanted: Iterable[tuple[int, float | None]]) -> Flow:
-    keep = set(wanted)
-    return dataclasses.replace(flow, processes={k: p for k, p in flow.processes.items() if k in keep})
-
-
 def scoped_rules(flows: Iterable[Flow], scope: str) -> list[ScopedRule]:
-    """Rules per destination (scope none), per destination and uid (user), or
-    per destination and cgroup (cgroup; uid where the cgroup is unknown or
-    cannot be written for nft).
-
-    Kept here until the iptables output has its own scope option (issue 3);
-    then both should share one grouping.
-    """
-    flows = list(flows)
-    if scope == "none":
-        return [ScopedRule(r) for r in rules_from_flows(flows)]
-    groups: dict[tuple[int | None, str | None], list[Flow]] = {}
-    notes: dict[tuple[int | None, str | None], set[str]] = {}
-    for flow in flows:
-        if scope == "user":
-            groups.setdefault((flow.key.uid, None), []).append(flow)
-            continue
-        by_cgroup: dict[str | None, list[tuple[int, float | None]]] = {}
-        for key, process in flow.processes.items():
-            path = nft_cgroup_path(process.cgroup) if process.cgroup else None
-            by_cgroup.setdefault(path, []).append(key)
-            if path is None:
-                # Falling back to the uid keeps the rule narrower than no scope at all.
-                why = f"cgroup {process.cgroup} cannot be written for nft" if process.cgroup else "cgroup unknown"
-                notes.setdefault((flow.key.uid, None), set()).add(f"{why}: scoped by uid")
-        for path, keys in by_cgroup.items():
-            group = (None, path) if path else (flow.key.uid, None)
-            groups.setdefault(group, []).append(_with_processes(flow, keys))
-    scoped = [
-        ScopedRule(rule, uid, cgroup, "; ".join(sorted(notes.get((uid, cgroup), ()))))
-        for (uid, cgroup), members in groups.items()
-        for rule in rules_from_flows(members)
-    ]
-    return sorted(
-        scoped,
-        key=lambda s: (s.rule.family, s.rule.dst, s.rule.protocol, s.rule.dport, s.uid or -1, s.cgroup or "", s.note),
-    )
+    """The grouping shared with the iptables output (scope.py), with cgroup paths as nft writes them."""
+    return scoping.scoped_rules(flows, scope, nft_cgroup_path, "nft")
 
 
 def _comments(lines: Iterable[str], indent: str) -> list[str]:
