@@ -11,7 +11,6 @@ messages it could not deliver, counted as lost.
 from __future__ import annotations
 
 import errno
-import time
 from typing import Any
 
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NflogGroup
@@ -47,11 +46,12 @@ class NflogInput(NetfilterInput):
             return f"NFLOG group {self.number} is already bound by another program (ulogd?): choose another nflog:group"
         return super().bind_problem(exc)
 
-    def read(self, timeout_s: float) -> list[Received]:
+    def read(self, timeout_s: float) -> list[bytes]:
         assert self.group is not None
-        messages = self.group.nl.receive(timeout_s)
-        at = time.time()
-        found = (NflogGroup.packet(m) for m in messages)
+        return self.group.nl.receive_raw(timeout_s)
+
+    def decode(self, at: float, datagram: bytes) -> list[Received]:
+        found = (NflogGroup.packet(m) for m in NetfilterSocket.decode(datagram))
         return [Received(p.seq, p.payload, p.uid, p.gid, at) for p in found if p is not None]
 
     def manual_hint(self) -> str:

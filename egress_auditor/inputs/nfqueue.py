@@ -10,7 +10,6 @@ the auditor is slow, stopped, or killed with SIGKILL.
 from __future__ import annotations
 
 import errno
-import time
 from typing import Any
 
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NfQueue, queue_counters
@@ -49,14 +48,20 @@ class NfqueueInput(NetfilterInput):
     def describe_socket(self, socket_: NetfilterSocket) -> str:
         return f"{super().describe_socket(socket_)}, fail-open, every packet accepted"
 
-    def read(self, timeout_s: float) -> list[Received]:
+    def read(self, timeout_s: float) -> list[bytes]:
         assert self.queue is not None
-        messages = self.queue.nl.receive(timeout_s)
-        found = [p for p in (NfQueue.packet(m) for m in messages) if p is not None]
-        if found:
-            self.queue.accept_through(found[-1].packet_id)  # before anything else is done with them
-        at = time.time()
-        return [Received(p.packet_id, p.payload, p.uid, p.gid, at) for p in found]
+        datagrams = self.queue.nl.receive_raw(timeout_s)
+        last = None
+        for datagram in datagrams:
+            found = NfQueue.last_packet_id(datagram)
+            last = found if found is not None else last
+        if last is not None:
+            self.queue.accept_through(last)  # before anything else is done with them
+        return datagrams
+
+    def decode(self, at: float, datagram: bytes) -> list[Received]:
+        found = (NfQueue.packet(m) for m in NetfilterSocket.decode(datagram))
+        return [Received(p.packet_id, p.payload, p.uid, p.gid, at) for p in found if p is not None]
 
     def manual_hint(self) -> str:
         return (

@@ -168,8 +168,8 @@ class NetfilterSocket:
             raise
         return bytes(self._buffer[:size])
 
-    def receive(self, timeout_s: float, max_datagrams: int = 256) -> list[Message]:
-        """Messages that arrive within timeout_s, then whatever else is already queued (bounded)."""
+    def receive_raw(self, timeout_s: float, max_datagrams: int = 256) -> list[bytes]:
+        """Datagrams that arrive within timeout_s, then whatever else is already queued (bounded)."""
         datagrams, self._early = self._early, []
         if not datagrams:
             ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout_s))
@@ -181,7 +181,10 @@ class NetfilterSocket:
                 break
             if data:
                 datagrams.append(data)
-        return [m for data in datagrams for m in self.decode(data)]
+        return datagrams
+
+    def receive(self, timeout_s: float, max_datagrams: int = 256) -> list[Message]:
+        return [m for data in self.receive_raw(timeout_s, max_datagrams) for m in self.decode(data)]
 
     @staticmethod
     def decode(data: bytes) -> Iterator[Message]:
@@ -303,6 +306,22 @@ class NfQueue:
             self.queue,
             attribute(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, packet_id)),
         )
+
+    @staticmethod
+    def last_packet_id(datagram: bytes) -> int | None:
+        """The id of the last packet in a datagram, read without decoding the rest: the verdict waits on it."""
+        last = None
+        for msg_type, _flags, _seq, raw, start, end in parse_messages(datagram):
+            if msg_type != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
+                continue
+            first = start + _NFGENMSG.size  # the kernel writes NFQA_PACKET_HDR first
+            if first + 8 <= end and _NLATTR.unpack_from(raw, first) == (11, NFQA_PACKET_HDR):
+                last = struct.unpack_from("!I", raw, first + _NLATTR.size)[0]
+                continue
+            header = parse_attributes(raw, first, end).get(NFQA_PACKET_HDR)
+            if header is not None and len(header) >= 4:
+                last = struct.unpack_from("!I", header)[0]
+        return last
 
     @staticmethod
     def packet(msg: Message) -> QueuedPacket | None:

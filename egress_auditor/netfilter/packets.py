@@ -30,6 +30,7 @@ class Packet:
     dst: IPAddress
     dport: int
     tcp_flags: int = 0  # 0 for UDP
+    tcp_seq: int = 0  # the initial sequence number of a SYN: a retransmit repeats it, a new connection does not
 
     @property
     def is_connection_start(self) -> bool:
@@ -93,8 +94,8 @@ def _transport(
     if protocol == Protocol.TCP:
         if len(data) < offset + 14:
             return None
-        sport, dport = struct.unpack_from("!HH", data, offset)
-        return Packet(family, Protocol.TCP, src, sport, dst, dport, data[offset + 13])
+        sport, dport, seq = struct.unpack_from("!HHI", data, offset)
+        return Packet(family, Protocol.TCP, src, sport, dst, dport, data[offset + 13], seq)
     if protocol == Protocol.UDP:
         if len(data) < offset + 4:
             return None

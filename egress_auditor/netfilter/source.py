@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from egress_auditor import host
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
-from egress_auditor.model import Attribution, Connection, Process
+from egress_auditor.model import Attribution, Connection, Process, Protocol
 from egress_auditor.netfilter import packets
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError
 from egress_auditor.netfilter.rules import Firewall, Owner, Target
@@ -26,11 +27,11 @@ from egress_auditor.plugins import Option
 from egress_auditor.sockets import SocketTable
 
 UNKNOWN = "unknown"  # the name of a process whose socket was gone before it could be matched
-MAX_BACKLOG = 65536  # messages waiting for poll(); beyond that they are counted as lost
-MAX_BATCH = 4096  # messages handled per poll() call, so the display and signals stay responsive
+MAX_BACKLOG = 16384  # datagrams waiting for poll(); beyond that they are dropped (sequence gaps count them)
+MAX_BATCH = 256  # datagrams decoded per poll() call, so the display and signals stay responsive
 READ_WAIT_S = 0.2  # how long the reader thread blocks before it looks at the stop flag
 SEQ_MOD = 1 << 32
-REPEAT_WINDOW_S = 130.0  # TCP gives up retransmitting a SYN after about 127 s
+REPEAT_WINDOW_S = {Protocol.TCP: 130.0, Protocol.UDP: 30.0}  # SYN retries end after ~127 s; unreplied UDP: 30 s
 MAX_RECENT = 65536
 CAP_NET_ADMIN = 12
 
@@ -112,7 +113,7 @@ class NetfilterInput:
         self.repeats = 0  # SYN retransmits, and UDP packets before the first reply (conntrack still says NEW)
         self._recent: OrderedDict[tuple[Any, ...], float] = OrderedDict()
         self.backlog_dropped = 0
-        self._backlog: deque[Received] = deque()
+        self._backlog: deque[tuple[float, bytes]] = deque()  # (time received, datagram)
         self._ready = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,8 +128,12 @@ class NetfilterInput:
     def bind(self) -> NetfilterSocket:
         raise NotImplementedError
 
-    def read(self, timeout_s: float) -> list[Received]:
-        """Receive one batch (NFQUEUE also accepts it): runs in the reader thread."""
+    def read(self, timeout_s: float) -> list[bytes]:
+        """Receive datagrams (NFQUEUE also accepts their packets): runs in the reader thread, so it does little."""
+        raise NotImplementedError
+
+    def decode(self, at: float, datagram: bytes) -> list[Received]:
+        """The packet copies in one datagram: runs in poll()."""
         raise NotImplementedError
 
     def manual_hint(self) -> str:
@@ -171,9 +176,11 @@ class NetfilterInput:
     def _read_loop(self) -> None:
         try:
             while not self._stop.is_set():
-                received = self.read(READ_WAIT_S)
-                if not received:
+                datagrams = self.read(READ_WAIT_S)
+                if not datagrams:
                     continue
+                at = time.time()
+                received = [(at, d) for d in datagrams]
                 with self._ready:
                     room = MAX_BACKLOG - len(self._backlog)
                     if room < len(received):
@@ -195,7 +202,7 @@ class NetfilterInput:
             error, self._reader_error = self._reader_error, None
             raise AuditorError(f"{self.kind} reader stopped: {error}") from error
         starts: list[tuple[Received, packets.Packet]] = []
-        for item in batch:
+        for item in (r for at, datagram in batch for r in self.decode(at, datagram)):
             self.losses.see(item.seq)
             packet = packets.parse(item.payload)
             if packet is None or not packet.is_connection_start:
@@ -211,13 +218,13 @@ class NetfilterInput:
             emit(self._connection(item, packet, owner))
 
     def _repeated(self, packet: packets.Packet, at: float) -> bool:
-        """Whether this 5-tuple started a connection moments ago: the same connection, not a new one."""
-        key = (packet.protocol, packet.src, packet.sport, packet.dst, packet.dport)
+        """A SYN retransmit (same 5-tuple and sequence number), or UDP before a reply: not a new connection."""
+        key = (packet.protocol, packet.src, packet.sport, packet.dst, packet.dport, packet.tcp_seq)
         seen = self._recent.pop(key, None)
         self._recent[key] = at
         if len(self._recent) > MAX_RECENT:
             self._recent.popitem(last=False)
-        return seen is not None and at - seen < REPEAT_WINDOW_S
+        return seen is not None and at - seen < REPEAT_WINDOW_S[packet.protocol]
 
     def _connection(self, item: Received, packet: packets.Packet, owner: Any) -> Connection:
         uid = item.uid if item.uid is not None else (owner.uid if owner else -1)
@@ -247,8 +254,9 @@ class NetfilterInput:
 
     def lost(self) -> int:
         overruns = self.socket_overruns()
-        # Each ENOBUFS report stands for at least one lost message; gaps give the exact number when seen.
-        return max(self.losses.lost, overruns) + self.backlog_dropped
+        # Each ENOBUFS report stands for at least one lost message; gaps give the exact number when seen
+        # (datagrams dropped from a full backlog leave gaps too).
+        return max(self.losses.lost, overruns, self.backlog_dropped)
 
     def socket_overruns(self) -> int:
         raise NotImplementedError

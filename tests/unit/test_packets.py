@@ -51,7 +51,7 @@ def ipv6(next_header: int, body: bytes) -> bytes:
 def test_ipv4_tcp_syn() -> None:
     packet = packets.parse(ipv4(6, tcp(40000, 443, packets.TCP_SYN)))
     assert packet == packets.Packet(
-        Family.IPV4, Protocol.TCP, ipaddress.ip_address(SRC4), 40000, ipaddress.ip_address(DST4), 443, 0x02
+        Family.IPV4, Protocol.TCP, ipaddress.ip_address(SRC4), 40000, ipaddress.ip_address(DST4), 443, 0x02, 1
     )
     assert packet.is_connection_start
 
@@ -144,6 +144,18 @@ def test_a_queued_packet_is_decoded() -> None:
     (msg,) = netlink.NetfilterSocket.decode(raw)
     queued = netlink.NfQueue.packet(msg)
     assert queued == netlink.QueuedPacket(42, b"\x60payload", 65534, None)
+
+
+def test_the_last_packet_id_is_read_for_the_verdict() -> None:
+    def queued(packet_id: int, header_first: bool) -> bytes:
+        header = netlink.attribute(netlink.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 3))
+        payload = netlink.attribute(netlink.NFQA_PAYLOAD, b"\x45")
+        attrs = header + payload if header_first else payload + header
+        return netlink.message(netlink.NFNL_SUBSYS_QUEUE << 8, 0, 0, socket.AF_INET, 1, attrs)
+
+    assert netlink.NfQueue.last_packet_id(queued(3, True) + queued(4, False) + queued(9, True)) == 9
+    assert netlink.NfQueue.last_packet_id(queued(3, True) + queued(4, False)) == 4
+    assert netlink.NfQueue.last_packet_id(b"") is None
 
 
 def test_attributes_are_padded_and_bounded() -> None:
