@@ -106,7 +106,8 @@ class LiveTable:
     def _render(self) -> Group:
         header = Text(" | ".join(f"{k}: {v}" for k, v in self.status.items()), style="bold")
         table = Table(expand=False, show_lines=False)
-        for column in ("process", "user", "proto", "destination", "name", "count", "first seen", "last seen"):
+        columns = ("process", "user", "service", "proto", "destination", "name", "count", "first seen", "last seen")
+        for column in columns:
             table.add_column(column, justify="right" if column == "count" else "left")
         for flow in self.flows.recent(self.MAX_ROWS):
             key = flow.key
@@ -116,6 +117,7 @@ class LiveTable:
             table.add_row(
                 Text(terminal_text(name)),
                 Text(terminal_text(user)),
+                Text(terminal_text(", ".join(sorted({p.service for p in flow.processes.values() if p.service})))),
                 key.protocol.name,
                 Text(endpoint(key.dst, key.dport, key.protocol, named=True)),
                 Text(terminal_text(", ".join(sorted(flow.hostnames)))),

@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from egress_auditor.cgroups import CgroupResolver
-from egress_auditor.command import STOP_SIGNALS, AuditedCommand
+from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
 from egress_auditor.escape import terminal_text
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs import InputStats
@@ -188,6 +188,7 @@ class TraceRun:
                 )
             self._open_lineage()
             if self.command is not None:
+                self._stop_if_signalled()
                 self.command.start(unblock=set(STOP_SIGNALS))
                 print(
                     f"egress-auditor: following the command (pid {self.command.pid}) in cgroup "
@@ -229,6 +230,15 @@ class TraceRun:
         self.attributor.lineage = self.lineage.table
         self._attach.append(f"lineage: {what}")
         print(f"egress-auditor: process lineage attached: {what}", file=self.stderr)
+
+    def _stop_if_signalled(self) -> None:
+        """A stop signal held while the BPF programs loaded: the command was not running to get it."""
+        pending = signal.sigpending() & set(STOP_SIGNALS)
+        if pending:
+            signum = min(pending)
+            signal.sigtimedwait({signum}, 0)
+            name = signal.Signals(signum).name
+            raise CommandError(f"stopped by {name} before the command started", 128 + signum)
 
     def _check_command(self) -> None:
         assert self.command is not None

@@ -179,3 +179,22 @@ def test_the_command_runs_as_the_sudo_user(client_ns: Namespace, tmp_path: Path)
     assert "65534" not in [line.strip() for line in run.stdout.splitlines()]
     assert rule_ports(run.stdout) == {port}
     assert "running as nobody" in run.stdout
+
+
+def test_a_stop_signal_while_loading_ends_the_run_before_the_command_starts(
+    client_ns: Namespace, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    proc, err = start(client_ns, ["--", "sh", "-c", f"touch {ran}; sleep 30"], tmp_path)
+    deadline = time.monotonic() + STARTUP_S
+    # The connect programs are in; the lineage program takes about half a second more to load.
+    while "ebpf input attached" not in err.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    run = finish(proc, err)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert "stopped by SIGTERM before the command started" in run.stderr
+    assert run.stdout == ""  # never started: no rules
+    assert not ran.exists()
+    assert leftover_cgroups(run.pid) == []
