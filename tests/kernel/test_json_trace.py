@@ -26,10 +26,10 @@ RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 VALIDATOR = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
 
 
-def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition, timeout: float, what) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.05)
 
 
@@ -69,7 +69,11 @@ def test_trace_json_rotation_and_nft_rules(servers: Link, tmp_path: Path) -> Non
         assert running.wait(60), stderr
         for port in (SEEN, ALSO_SEEN):
             assert curl(net.a, net.b4, port) == 0
-        wait_for(lambda: has_flow(capture, net.b4, SEEN) and has_flow(capture, net.b4, ALSO_SEEN), 15, "v4 records")
+        wait_for(
+            lambda: has_flow(capture, net.b4, SEEN) and has_flow(capture, net.b4, ALSO_SEEN),
+            30,
+            lambda: f"v4 records: {[(r['dst'], r.get('dport')) for r in records(capture)]} {stderr}",
+        )
 
         capture.rename(rotated)  # logrotate's move, then its SIGHUP
         tracer.send_signal(signal.SIGHUP)
@@ -77,7 +81,7 @@ def test_trace_json_rotation_and_nft_rules(servers: Link, tmp_path: Path) -> Non
         assert tracer.poll() is None, "SIGHUP stopped the run"
         for port in (SEEN, ALSO_SEEN):
             assert curl(net.a, net.b6, port) == 0
-        wait_for(lambda: has_flow(capture, net.b6, SEEN) and has_flow(capture, net.b6, ALSO_SEEN), 15, "v6 records")
+        wait_for(lambda: has_flow(capture, net.b6, SEEN) and has_flow(capture, net.b6, ALSO_SEEN), 30, "v6 records")
 
         tracer.send_signal(signal.SIGINT)
         stdout, _ = tracer.communicate(timeout=60)
