@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import http.client
 import json
 import random
 import re
@@ -244,7 +245,7 @@ class LokiOutput:
                     self.rejected += len(batch)  # Loki said this batch is wrong: sending it again cannot help
                     return True
                 retry_after = exc.headers.get("Retry-After")
-            except (OSError, ValueError) as exc:  # refused, reset, timed out, DNS
+            except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, cut short, DNS
                 self.last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
             self.retries += 1
             wait = delay * random.uniform(0.5, 1.0)

@@ -29,6 +29,7 @@ from egress_auditor.outputs.loki import LokiOutput
 from egress_auditor.plugins import select
 from egress_auditor.records import schema
 
+CUT = -1  # an answer FakeLoki breaks off
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 VALIDATOR = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
 
@@ -88,6 +89,10 @@ class PushHandler(BaseHTTPRequestHandler):
                     server.entries.extend((stream["stream"], ts, line) for ts, line in stream["values"])
                 server.batch_sizes.append(sum(len(line) for st in streams for _, line in st["values"]))
             server.requests.append(status)
+        if status == CUT:  # a proxy that hangs up half way through its answer
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+            self.close_connection = True
+            return
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -228,6 +233,14 @@ def test_429_and_5xx_are_retried_and_nothing_is_sent_twice(loki: FakeLoki) -> No
     assert len(records) == 11
     assert len({(r.get("dport"), r["type"]) for r in records}) == 11  # each once
     assert output.retries == 3 and "3 retried" in stderr.getvalue()
+
+
+def test_an_answer_cut_short_is_retried(loki: FakeLoki) -> None:
+    loki.answers = [(CUT, {})]
+    output = make(loki.url, "loki:batch_wait:0.05")
+    output.finish(list(feed(output, many(2))), summary([]))
+    assert loki.requests == [CUT, 204] and output.retries == 1
+    assert len(loki.lines()) == 3
 
 
 def test_an_outage_is_ridden_out(tmp_path: Path) -> None:
