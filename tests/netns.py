@@ -84,7 +84,7 @@ def link(a: Namespace, b: Namespace) -> Link:
     return pair
 
 
-def wait_for_port(ns: Namespace, host: str, port: int, timeout: float = 10.0) -> None:
+def wait_for_port(ns: Namespace, host: str, port: int, timeout: float = 30.0) -> None:
     """Wait until something listens on host:port inside ns."""
     deadline = time.monotonic() + timeout
     probe = ("import socket,sys\n"
