@@ -139,7 +139,9 @@ class CgroupResolver:
             return self._cache[cgroup_id]
         found = self._by_handle(cgroup_id)
         if found is None:
-            found = self._by_walk(cgroup_id)
+            found, walked = self._by_walk(cgroup_id)
+            if found is None and not walked:
+                return None  # not looked for yet (walks are paced): ask again later
         self._remember(cgroup_id, found)
         return found
 
@@ -178,11 +180,12 @@ class CgroupResolver:
         finally:
             os.close(fd)
 
-    def _by_walk(self, cgroup_id: int) -> str | None:
-        """Without CAP_DAC_READ_SEARCH: the id is the directory's inode number."""
+    def _by_walk(self, cgroup_id: int) -> tuple[str | None, bool]:
+        """Without CAP_DAC_READ_SEARCH: the id is the directory's inode number.
+        Returns the path and whether the tree was walked (at most once a second)."""
         assert self.root is not None
         if time.monotonic() - self._walked < WALK_INTERVAL_S:
-            return None
+            return None, False
         self._walked = time.monotonic()
         found = None
         for directory, _subdirs, _files in os.walk(self.root):
@@ -195,7 +198,7 @@ class CgroupResolver:
                 self._cache.setdefault(ino, rel)
             if ino == cgroup_id:
                 found = rel
-        return found
+        return found, True
 
     def close(self) -> None:
         if self._mount_fd is not None:

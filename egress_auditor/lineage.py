@@ -297,29 +297,29 @@ class ProcessTable:
 def seed_from_proc(table: ProcessTable) -> int:
     """Every running process, read now from /proc: the table's starting point."""
     seeded: list[tuple[Life, int]] = []
-    attrs = ["pid", "ppid", "name", "exe", "cmdline", "uids", "gids", "create_time"]
-    for proc in psutil.process_iter(attrs):
-        info = proc.info
-        if info.get("create_time") is None or info.get("uids") is None:
-            continue
+    for pid in psutil.pids():
+        # Taken before the read: kernel events after it are applied, none is lost in between.
         read_ns = time.monotonic_ns()
-        start_ns = min(table.to_ns(info["create_time"]), read_ns)
-        image = Image(start_ns, info["name"] or "", info.get("exe") or None, tuple(info.get("cmdline") or ()))
-        seeded.append(
-            (
-                Life(
-                    pid=info["pid"],
-                    start_ns=start_ns,
-                    parent=None,
-                    uid=info["uids"].real,
-                    gid=info["gids"].real if info.get("gids") else 0,
-                    cgroup_id=0,
-                    images=[image],
-                    seeded_ns=read_ns,
-                ),
-                info.get("ppid") or 0,
-            )
-        )
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                created, ppid, name, uids, gids = (
+                    proc.create_time(),
+                    proc.ppid(),
+                    proc.name(),
+                    proc.uids(),
+                    proc.gids(),
+                )
+                try:
+                    exe, cmdline = proc.exe() or None, tuple(proc.cmdline())
+                except (psutil.AccessDenied, psutil.ZombieProcess):
+                    exe, cmdline = None, ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        start_ns = min(table.to_ns(created), read_ns)
+        image = Image(start_ns, name, exe, cmdline)
+        life = Life(pid, start_ns, None, uids.real, gids.real, 0, [image], seeded_ns=read_ns)
+        seeded.append((life, ppid))
     table.seed(seeded)
     return len(seeded)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from egress_auditor import cgroups
 from egress_auditor.cgroups import AuditCgroup, CgroupResolver, cgroup2_mount, service_of
 
 HYBRID = """\
@@ -112,3 +113,13 @@ def test_audit_cgroup_contains_itself_and_below_only() -> None:
     assert not group.contains("/egress-auditor-1-abcdef")  # a sibling sharing the prefix
     assert not group.contains("/")
     assert not group.contains(None)
+
+
+def test_a_cgroup_made_after_a_walk_is_found_by_the_next_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = CgroupResolver(root=tmp_path)
+    assert resolver.path(2**40) is None  # walks the tree: no such id
+    late = tmp_path / "late.scope"
+    late.mkdir()
+    assert resolver.path(os.stat(late).st_ino) is None  # walks are paced: not looked for yet...
+    monkeypatch.setattr(cgroups, "WALK_INTERVAL_S", 0.0)
+    assert resolver.path(os.stat(late).st_ino) == "/late.scope"  # ...and not remembered as missing
