@@ -198,3 +198,20 @@ def test_a_stop_signal_while_loading_ends_the_run_before_the_command_starts(
     assert run.stdout == ""  # never started: no rules
     assert not ran.exists()
     assert leftover_cgroups(run.pid) == []
+
+
+def test_the_rules_say_how_each_process_was_identified(client_ns: Namespace, tmp_path: Path) -> None:
+    # os._exit right after the connect: gone before /proc can be read.
+    quick = "import os,socket,sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1]))); os._exit(0)"
+    port = random.randrange(20000, 60000)
+    lineage = finish(*start(client_ns, ["-O", "iptables:verbose:2", "--", PYTHON, "-c", quick, str(port)], tmp_path))
+    assert lineage.returncode == 0, lineage.stderr
+    assert "attribution kernel" in lineage.stdout
+    assert f"command line: {PYTHON} -c {quick} {port}" in lineage.stdout
+    proc_only = finish(
+        *start(client_ns, ["--no-lineage", "-O", "iptables:verbose:1", "--", PYTHON, "-c", quick, str(port)], tmp_path)
+    )
+    assert proc_only.returncode == 0, proc_only.stderr
+    assert rule_ports(proc_only.stdout) == {port}
+    assert "attribution kernel" not in proc_only.stdout
+    assert "process lineage attached" not in proc_only.stderr
