@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterator
 
-from egress_auditor.model import Connection, Flow, FlowKey
+from egress_auditor.model import Connection, Flow, FlowKey, Process
 
 
 def flow_key(conn: Connection) -> FlowKey:
@@ -15,6 +16,9 @@ def flow_key(conn: Connection) -> FlowKey:
 class FlowTable:
     def __init__(self) -> None:
         self._flows: dict[FlowKey, Flow] = {}
+        # Equal processes (and their keys in Flow.processes) are held once: flows
+        # recovered from the kernel map or given a cgroup each arrive with a copy.
+        self._processes: dict[Process, tuple[tuple[int, float | None], Process]] = {}
         self._connects = 0  # kept as it changes: the display asks for it often
 
     def add(self, conn: Connection) -> tuple[Flow, bool]:
@@ -24,7 +28,12 @@ class FlowTable:
         is_new = flow is None
         if flow is None:
             flow = self._flows[key] = Flow(key, conn.time, conn.time)
-        flow.add(conn)
+        known = self._processes.get(conn.process)
+        if known is None:
+            known = self._processes[conn.process] = ((conn.process.pid, conn.process.start_time), conn.process)
+        elif known[1] is not conn.process:
+            conn = dataclasses.replace(conn, process=known[1])
+        flow.add(conn, known[0])
         self._connects += conn.repeats
         return flow, is_new
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Iterable, Iterator, MutableMapping, MutableSet
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -32,7 +34,7 @@ class Attribution(str, enum.Enum):
     NAME_ONLY = "name-only"  # the process had exited: only what the kernel gave
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Process:
     """What is known about a process; parent is the same for its parent."""
 
@@ -77,7 +79,7 @@ class Connection:
     hostname: str | None = None  # the DNS name asked for that gave dst, when known
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class FlowKey:
     """A flow: what a firewall rule is learned from."""
 
@@ -89,21 +91,130 @@ class FlowKey:
     comm: str
 
 
-@dataclass
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+_NONE: Any = object()  # marks an empty slot: None may be an item
+
+
+class FewSet(MutableSet[T]):
+    """A set that keeps a single item without a hash table: most flows have
+    one input and no DNS name, and every set() costs 216 bytes."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, items: Iterable[T] = ()) -> None:
+        self._data: Any = _NONE  # _NONE, the one item, or a set of several (a set is never an item)
+        self.update(items)
+
+    def __contains__(self, item: object) -> bool:
+        data = self._data
+        return item in data if type(data) is set else (data is not _NONE and data == item)
+
+    def __iter__(self) -> Iterator[T]:
+        data = self._data
+        if type(data) is set:
+            return iter(data)
+        return iter(() if data is _NONE else (data,))
+
+    def __len__(self) -> int:
+        data = self._data
+        return len(data) if type(data) is set else int(data is not _NONE)
+
+    def add(self, item: T) -> None:
+        data = self._data
+        if data is _NONE:
+            self._data = item
+        elif type(data) is set:
+            data.add(item)
+        elif data != item:
+            self._data = {data, item}
+
+    def discard(self, item: T) -> None:
+        data = self._data
+        if type(data) is set:
+            data.discard(item)
+        elif data is not _NONE and data == item:
+            self._data = _NONE
+
+    def update(self, *others: Iterable[T]) -> None:
+        for other in others:
+            for item in other:
+                self.add(item)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self)!r})"
+
+
+class FewMap(MutableMapping[K, V]):
+    """A dict that keeps a single entry without a hash table: a flow usually
+    has one process, and a dict of one entry costs 224 bytes."""
+
+    __slots__ = ("_key", "_more", "_value")
+
+    def __init__(self, items: Iterable[tuple[K, V]] = ()) -> None:
+        self._key: Any = _NONE
+        self._value: Any = None
+        self._more: dict[K, V] | None = None  # every entry, once there are several
+        for key, value in items:
+            self[key] = value
+
+    def __getitem__(self, key: K) -> V:
+        if self._more is not None:
+            return self._more[key]
+        if self._key is not _NONE and self._key == key:
+            return self._value  # type: ignore[no-any-return]
+        raise KeyError(key)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        if self._more is not None:
+            self._more[key] = value
+        elif self._key is _NONE or self._key == key:
+            self._key, self._value = key, value
+        else:
+            self._more = {self._key: self._value, key: value}
+            self._key, self._value = _NONE, None
+
+    def __delitem__(self, key: K) -> None:
+        if self._more is not None:
+            del self._more[key]
+        elif self._key is not _NONE and self._key == key:
+            self._key, self._value = _NONE, None
+        else:
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[K]:
+        if self._more is not None:
+            return iter(self._more)
+        return iter(() if self._key is _NONE else (self._key,))
+
+    def __len__(self) -> int:
+        return len(self._more) if self._more is not None else int(self._key is not _NONE)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
+
+
+@dataclass(slots=True)
 class Flow:
+    """Held for every flow of a run: kept small (slots, FewMap, FewSet) so 100,000 flows fit in tens of MB."""
+
     key: FlowKey
     first_seen: float
     last_seen: float
     count: int = 0
-    processes: dict[tuple[int, float | None], Process] = field(default_factory=dict)
-    inputs: set[str] = field(default_factory=set)
-    hostnames: set[str] = field(default_factory=set)
+    processes: MutableMapping[tuple[int, float | None], Process] = field(default_factory=FewMap)
+    inputs: MutableSet[str] = field(default_factory=FewSet)
+    hostnames: MutableSet[str] = field(default_factory=FewSet)
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Connection, process_key: tuple[int, float | None] | None = None) -> None:
+        """Record a connection; process_key, when given, is (pid, start time) of conn.process, shared."""
         self.first_seen = min(self.first_seen, conn.time)
         self.last_seen = max(self.last_seen, conn.time)
         self.count += conn.repeats
-        self.processes.setdefault((conn.process.pid, conn.process.start_time), conn.process)
+        if process_key is None:
+            process_key = (conn.process.pid, conn.process.start_time)
+        self.processes.setdefault(process_key, conn.process)
         self.inputs.add(conn.input)
         if conn.hostname:
             self.hostnames.add(conn.hostname)

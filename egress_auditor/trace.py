@@ -36,6 +36,7 @@ from egress_auditor.process import Attributor, ProcessResolver
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
 SYNC_S = 1.0
+STATUS_S = 0.25  # the status reads kernel counters: as often as the live table redraws, no more
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
 KILL_AFTER_SIGNALS = 3  # stop requests the command may ignore before its cgroup is killed
 TERM_GRACE_S = 5.0  # after --duration/--count ends a command's run: SIGTERM, then SIGKILL this much later
@@ -253,6 +254,7 @@ class TraceRun:
 
     def _loop(self) -> None:
         next_sync = time.monotonic() + SYNC_S
+        next_status = 0.0
         while self._stop_reason is None:
             now = time.time()
             if self._reopen_requested:
@@ -273,7 +275,9 @@ class TraceRun:
                 next_sync = time.monotonic() + max(SYNC_S, 10 * cost)
             if self.count is not None and self._connects() >= self.count:
                 self._end_command("count")
-            self.display.refresh(self.status(time.time()))
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_S
+                self.display.refresh(self.status(time.time()))
 
     def _end_command(self, reason: str) -> bool:
         """--duration or --count reached: stop now, or first ask the command to end (True: stop now)."""

@@ -9,10 +9,16 @@ recovers any flow whose first event was lost.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import ipaddress
+import itertools
 import os
+import struct
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,8 +164,19 @@ def to_address(family: int, raw: Any) -> ipaddress.IPv4Address | ipaddress.IPv6A
     return ipaddress.IPv4Address(data[:4]) if family == Family.IPV4 else ipaddress.IPv6Address(data[:16])
 
 
+def copy_field(dst: Any, src: Any, name: str) -> None:
+    """Copy field `name` between two BCC-built ctypes structs, byte for byte (char arrays included)."""
+    to, frm = getattr(type(dst), name), getattr(type(src), name)
+    ctypes.memmove(ctypes.addressof(dst) + to.offset, ctypes.addressof(src) + frm.offset, min(to.size, frm.size))
+
+
 def decode_comm(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    # Interned: every flow of a process keeps its name, and one string serves them all.
+    return sys.intern(raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace"))
+
+
+SYNC_BATCH = 4096  # kernel flows read per bpf(2) call: small buffers, kept between syncs
+_U64 = struct.Struct("=Q")
 
 
 # bpf(2) commands and attach types used for cgroup programs (uapi/linux/bpf.h).
@@ -184,7 +201,15 @@ class EbpfInput:
         self.bpf: Any = None
         self.plan: AttachPlan | None = None
         self.names = DnsNames()
-        self._announced: set[bytes] = set()  # flow keys already handed to user space
+        # Flow map keys (raw bytes) whose event arrived since the last sync, and in the
+        # interval before: only flows that new can still lack their event, so older
+        # keys are dropped instead of held for the whole run.
+        self._announced: set[bytes] = set()
+        self._announced_before: set[bytes] = set()
+        self._synced_ns = 0  # CLOCK_MONOTONIC when the last sync began: older kernel flows are folded already
+        self._lost_seen = 0  # events lost as of the last sync
+        self._ports: dict[int, int] = {}  # one int object per port number, shared by its flows
+        self._batch: tuple[Any, Any] | None = None  # (keys, values) buffers of SYNC_BATCH entries
         self._pending: list[Connection] = []
         self._links: list[int] = []  # bpf_link fds: closing them detaches, even on SIGKILL
         self._legacy_attached: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) without links
@@ -264,7 +289,7 @@ class EbpfInput:
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
         event = self.bpf["events"].event(data)
         if event.flags != EVENT_MAP_FULL:
-            self._announced.add(self._key_bytes(event))
+            self._announced.add(self._raw_key(event))
         self._pending.append(self._connection(event))
 
     def _on_dns(self, _ctx: Any, data: Any, _size: int) -> None:
@@ -272,10 +297,15 @@ class EbpfInput:
         wire = bytes(event.data)[: event.len]
         self.names.learn(wire, event.pid, event.ts_ns / 1e9 + self._epoch_offset)
 
-    @staticmethod
-    def _key_bytes(event: Any) -> bytes:
-        daddr = bytes(event.daddr)
-        return b"%d/%d/%d/%d/" % (event.protocol, event.family, event.dport, event.uid) + daddr + bytes(event.comm)
+    def _raw_key(self, event: Any) -> bytes:
+        """The flow map's key for an event, as the kernel built it (same fields, zeroed padding)."""
+        key = self.bpf["flows"].Key()
+        for name in ("daddr", "uid", "dport", "family", "protocol", "comm"):
+            copy_field(key, event, name)
+        return bytes(key)
+
+    def _port(self, port: int) -> int:
+        return self._ports.setdefault(port, port)
 
     def _connection(self, event: Any) -> Connection:
         family = Family(event.family)
@@ -288,7 +318,7 @@ class EbpfInput:
             src=None if src.is_unspecified else src,
             sport=event.sport,
             dst=to_address(family, event.daddr),
-            dport=event.dport,
+            dport=self._port(event.dport),
             pid=event.pid,
             uid=event.uid,
             gid=event.gid,
@@ -318,28 +348,39 @@ class EbpfInput:
             emit(self._named(conn))
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Fold kernel counts; a flow whose first event was lost is emitted from the map."""
+        """Fold kernel counts; a flow whose first event was lost is emitted from the map.
+        Only flows used since the last sync are decoded.
+
+        A flow lacks its event only if events were lost since the last sync and the
+        flow is newer than that sync: the clock is read before the loss counter, so
+        a loss counted later belongs to a flow the next sync still looks at."""
         if self.bpf is None:
             return
-        for key, value in self._flow_items():
-            kbytes = self._key_bytes(key)
+        since, self._synced_ns = self._synced_ns, time.monotonic_ns()
+        lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
+        recover, self._lost_seen = lost != self._lost_seen, lost
+        announced = (self._announced, self._announced_before)
+        self._announced_before, self._announced = self._announced, set()
+        key_type = self.bpf["flows"].Key
+        for raw, count, first_ns, last_ns in self._flow_entries():
+            if last_ns < since:
+                continue
+            key = key_type.from_buffer_copy(raw)
             family = Family(key.family)
             comm = decode_comm(bytes(key.comm))
             dst = to_address(family, key.daddr)
-            first = value.first_ns / 1e9 + self._epoch_offset
-            last = value.last_ns / 1e9 + self._epoch_offset
-            if kbytes not in self._announced:
-                self._announced.add(kbytes)
+            dport = self._port(key.dport)
+            if recover and first_ns >= since and not any(raw in keys for keys in announced):
                 emit(
                     self._named(
                         Connection(
-                            time=first,
+                            time=first_ns / 1e9 + self._epoch_offset,
                             protocol=Protocol(key.protocol),
                             family=family,
                             src=None,
                             sport=0,
                             dst=dst,
-                            dport=key.dport,
+                            dport=dport,
                             pid=0,
                             uid=key.uid,
                             gid=-1,
@@ -349,14 +390,53 @@ class EbpfInput:
                         )
                     )
                 )
-            on_count(FlowKey(Protocol(key.protocol), family, dst, key.dport, key.uid, comm), value.count, last)
+            last = last_ns / 1e9 + self._epoch_offset
+            on_count(FlowKey(Protocol(key.protocol), family, dst, dport, key.uid, comm), count, last)
 
-    def _flow_items(self) -> list[tuple[Any, Any]]:
+    def _flow_entries(self) -> Iterator[tuple[bytes, int, int, int]]:
+        """(raw key, count, first_ns, last_ns) of every kernel flow, read in batches
+        without a ctypes object per entry (BCC's items() makes two per flow per sync)."""
         table = self.bpf["flows"]
+        leaf = table.Leaf
+        offsets = (leaf.count.offset, leaf.first_ns.offset, leaf.last_ns.offset)
+        key_size, leaf_size = ctypes.sizeof(table.Key), ctypes.sizeof(leaf)
+        chunks = self._batches(table.map_fd, key_size, leaf_size)
         try:
-            return list(table.items_lookup_batch())
-        except Exception:  # kernels before 5.6 have no batch lookup
-            return list(table.items())
+            first = next(chunks, None)
+        except OSError:  # kernels before 5.6 have no batch lookup
+            for key, value in table.items():
+                yield bytes(key), value.count, value.first_ns, value.last_ns
+            return
+        for keys, values, n in itertools.chain((first,) if first else (), chunks):
+            for i in range(n):
+                base = i * leaf_size
+                count, first_ns, last_ns = (_U64.unpack_from(values, base + off)[0] for off in offsets)
+                yield keys[i * key_size : (i + 1) * key_size], count, first_ns, last_ns
+
+    def _batches(self, fd: int, key_size: int, leaf_size: int) -> Iterator[tuple[bytes, Any, int]]:
+        """BPF_MAP_LOOKUP_BATCH until the map is exhausted: (keys bytes, values buffer, entries)."""
+        from bcc.libbcc import lib
+
+        if self._batch is None:
+            self._batch = (
+                ctypes.create_string_buffer(key_size * SYNC_BATCH),
+                ctypes.create_string_buffer(leaf_size * SYNC_BATCH),
+            )
+        keys, values = self._batch
+        token_in, token_out, count = ctypes.c_uint32(0), ctypes.c_uint32(0), ctypes.c_uint32(0)
+        first = True
+        while True:
+            count.value = SYNC_BATCH
+            start = None if first else ctypes.byref(token_in)
+            res = lib.bpf_lookup_batch(fd, start, ctypes.byref(token_out), keys, values, ctypes.byref(count))
+            err = ctypes.get_errno()
+            if res != 0 and err != errno.ENOENT:
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            if count.value:
+                yield keys.raw[: count.value * key_size], values, count.value
+            if res != 0:  # ENOENT: every entry has been read
+                return
+            token_in.value, first = token_out.value, False
 
     def stats(self) -> InputStats:
         if self.bpf is None:
