@@ -1,0 +1,1 @@
+"""Benchmarks of egress-auditor: `sudo make bench` or `bench/run.py [--quick]`."""

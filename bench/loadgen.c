@@ -1,0 +1,270 @@
+/* Load generator for the egress-auditor benchmarks.
+ *
+ *   loadgen server PORT_BASE N_PORTS LIFETIME_S
+ *       listens on 0.0.0.0:PORT_BASE .. PORT_BASE+N_PORTS-1, accepts and
+ *       closes with epoll; exits on SIGTERM/SIGINT or after LIFETIME_S.
+ *   loadgen client N_ADDRS PORT_BASE N_PORTS WARMUP COUNT SECONDS [FLOWS_OUT]
+ *       connects and closes (SO_LINGER 0: no TIME_WAIT) one connection at a
+ *       time, round-robin over N_ADDRS x N_PORTS flows; WARMUP connects are
+ *       made untimed first, then COUNT connects (0: no limit) for at most
+ *       SECONDS seconds (0: no limit). Prints one JSON object; FLOWS_OUT gets
+ *       one line per flow: "address port attempts failures".
+ *
+ * Flow f goes to address bench_addr(f / N_PORTS) and port PORT_BASE + f % N_PORTS;
+ * every 127/8 address is local on a namespace's loopback.
+ * Runs inside a network namespace made by the harness; it never changes any
+ * network setting itself. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_PORTS 1024
+#define MAX_ADDRS 50000
+#define MAX_ERRNO 256
+
+static volatile sig_atomic_t stopping;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stopping = 1;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Address index a -> 127.100.(1 + a / 200).(1 + a % 200); never a .0 octet.
+ * bench/loadgen.py mirrors this to read the rules back. */
+static uint32_t bench_addr(uint32_t a)
+{
+    return (127u << 24) | (100u << 16) | ((1u + a / 200u) << 8) | (1u + a % 200u);
+}
+
+/* CPU time of this process (user + system): less sensitive to other load than a rate. */
+static double cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+           (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+static long parse_long(const char *text, long lo, long hi, const char *what)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno || *end || v < lo || v > hi) {
+        fprintf(stderr, "loadgen: bad %s %s (%ld..%ld)\n", what, text, lo, hi);
+        exit(2);
+    }
+    return v;
+}
+
+static double parse_seconds(const char *text)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (errno || *end || v < 0 || v > 86400) {
+        fprintf(stderr, "loadgen: bad duration %s (0..86400 seconds)\n", text);
+        exit(2);
+    }
+    return v;
+}
+
+static int run_server(int argc, char **argv)
+{
+    if (argc != 5) {
+        fprintf(stderr, "usage: loadgen server PORT_BASE N_PORTS LIFETIME_S\n");
+        return 2;
+    }
+    int base = (int)parse_long(argv[2], 1, 65535, "port base");
+    int n = (int)parse_long(argv[3], 1, MAX_PORTS, "port count");
+    double lifetime = (double)parse_long(argv[4], 1, 86400, "lifetime");
+    if (base + n - 1 > 65535) {
+        fprintf(stderr, "loadgen: ports beyond 65535\n");
+        return 2;
+    }
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) {
+        perror("epoll_create1");
+        return 1;
+    }
+    for (int i = 0; i < n; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        int one = 1;
+        struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)(base + i))};
+        sin.sin_addr.s_addr = htonl(INADDR_ANY);
+        if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+            bind(fd, (struct sockaddr *)&sin, sizeof(sin)) || listen(fd, 65535)) {
+            fprintf(stderr, "loadgen: listen on port %d: %s\n", base + i, strerror(errno));
+            return 1;
+        }
+        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev)) {
+            perror("epoll_ctl");
+            return 1;
+        }
+    }
+    signal(SIGTERM, on_signal);
+    signal(SIGINT, on_signal);
+    /* The harness waits for this line before starting clients. */
+    printf("listening %d ports from %d\n", n, base);
+    fflush(stdout);
+
+    unsigned long long accepted = 0;
+    double deadline = now_s() + lifetime;
+    struct epoll_event events[64];
+    while (!stopping && now_s() < deadline) {
+        int ready = epoll_wait(ep, events, 64, 200);
+        for (int i = 0; i < ready; i++) {
+            /* Drain the queue: each accepted socket is closed at once. */
+            for (;;) {
+                int c = accept4(events[i].data.fd, NULL, NULL, SOCK_CLOEXEC);
+                if (c < 0)
+                    break;
+                close(c);
+                accepted++;
+            }
+        }
+    }
+    fprintf(stderr, "loadgen server: accepted %llu\n", accepted);
+    return 0;
+}
+
+struct flow_count {
+    uint32_t attempts;
+    uint32_t failures;
+};
+
+static int run_client(int argc, char **argv)
+{
+    if (argc != 8 && argc != 9) {
+        fprintf(stderr, "usage: loadgen client N_ADDRS PORT_BASE N_PORTS WARMUP COUNT SECONDS [FLOWS_OUT]\n");
+        return 2;
+    }
+    long n_addrs = parse_long(argv[2], 1, MAX_ADDRS, "address count");
+    long base = parse_long(argv[3], 1, 65535, "port base");
+    long n_ports = parse_long(argv[4], 1, MAX_PORTS, "port count");
+    long warmup = parse_long(argv[5], 0, 1000000000L, "warm-up count");
+    long count = parse_long(argv[6], 0, 2000000000L, "count");
+    double seconds = parse_seconds(argv[7]);
+    const char *flows_out = argc == 9 ? argv[8] : NULL;
+    if (base + n_ports - 1 > 65535) {
+        fprintf(stderr, "loadgen: ports beyond 65535\n");
+        return 2;
+    }
+    if (count == 0 && seconds == 0) {
+        fprintf(stderr, "loadgen: give a count or a duration: the client must stop by itself\n");
+        return 2;
+    }
+    long n_flows = n_addrs * n_ports;
+    struct flow_count *flows = calloc((size_t)n_flows, sizeof(*flows));
+    unsigned long errors[MAX_ERRNO] = {0};
+    if (!flows) {
+        perror("calloc");
+        return 1;
+    }
+    signal(SIGTERM, on_signal);
+    signal(SIGINT, on_signal);
+
+    struct linger abort_close = {.l_onoff = 1, .l_linger = 0};
+    long flow = 0, made = 0, failures = 0, timed = 0;
+    double started = 0, deadline = 0, cpu_started = 0;
+    long total = warmup + count;
+    int in_warmup = warmup > 0;
+    if (!in_warmup) {
+        started = now_s();
+        cpu_started = cpu_s();
+        deadline = started + seconds;
+    }
+    while (!stopping && (count == 0 || made < total)) {
+        if (in_warmup && made == warmup) {
+            in_warmup = 0;
+            started = now_s();
+            cpu_started = cpu_s();
+            deadline = started + seconds;
+        }
+        /* Reading the clock every connect would cost more than it measures. */
+        if (!in_warmup && seconds > 0 && (made & 127) == 0 && now_s() >= deadline)
+            break;
+        struct sockaddr_in sin = {.sin_family = AF_INET};
+        sin.sin_addr.s_addr = htonl(bench_addr((uint32_t)(flow / n_ports)));
+        sin.sin_port = htons((uint16_t)(base + flow % n_ports));
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            fprintf(stderr, "loadgen: socket: %s\n", strerror(errno));
+            return 1;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
+        flows[flow].attempts++;
+        if (connect(fd, (struct sockaddr *)&sin, sizeof(sin)) != 0) {
+            flows[flow].failures++;
+            failures++;
+            errors[errno < MAX_ERRNO ? errno : 0]++;
+        }
+        close(fd);
+        made++;
+        if (!in_warmup)
+            timed++;
+        if (++flow == n_flows)
+            flow = 0;
+    }
+    double elapsed = now_s() - started;
+    double cpu = cpu_s() - cpu_started;
+    if (in_warmup)
+        elapsed = cpu = 0;
+
+    if (flows_out) {
+        FILE *out = fopen(flows_out, "w");
+        if (!out) {
+            fprintf(stderr, "loadgen: %s: %s\n", flows_out, strerror(errno));
+            return 1;
+        }
+        for (long f = 0; f < n_flows; f++) {
+            struct in_addr a = {.s_addr = htonl(bench_addr((uint32_t)(f / n_ports)))};
+            fprintf(out, "%s %ld %u %u\n", inet_ntoa(a), base + f % n_ports, flows[f].attempts,
+                    flows[f].failures);
+        }
+        fclose(out);
+    }
+    printf("{\"connects\": %ld, \"timed_connects\": %ld, \"seconds\": %.6f, \"rate\": %.1f, "
+           "\"cpu_seconds\": %.6f, \"failures\": %ld, \"flows\": %ld, \"errors\": {",
+           made, timed, elapsed, elapsed > 0 ? (double)timed / elapsed : 0.0, cpu, failures, n_flows);
+    int first = 1;
+    for (int e = 0; e < MAX_ERRNO; e++) {
+        if (errors[e]) {
+            printf("%s\"%s\": %lu", first ? "" : ", ", strerrorname_np(e) ? strerrorname_np(e) : "?", errors[e]);
+            first = 0;
+        }
+    }
+    printf("}}\n");
+    free(flows);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 2 && strcmp(argv[1], "server") == 0)
+        return run_server(argc, argv);
+    if (argc >= 2 && strcmp(argv[1], "client") == 0)
+        return run_client(argc, argv);
+    fprintf(stderr, "usage: loadgen server|client ...\n");
+    return 2;
+}

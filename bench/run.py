@@ -1,0 +1,324 @@
+"""Run every egress-auditor benchmark: `sudo make bench`, or `bench/run.py --quick`
+for a short smoke run. Needs root (BPF, network namespaces). Writes
+bench/results.json and docs/benchmarks.md (the quick mode writes under bench/build/)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report
+from bench.harness import (
+    BENCH_DIR,
+    BUILD_DIR,
+    ROOT,
+    STOPPED,
+    Namespace,
+    Spread,
+    Stopped,
+    Tracer,
+    build_loadgen,
+    cpu_seconds,
+    namespace,
+    other_tracers,
+    rule_counts,
+    run_client,
+    running,
+    server,
+    status_mb,
+    wait_for_flows,
+)
+
+AUDITOR_RUNNING = "egress-auditor is running"
+PER_EVENT_RUNNING = "per-event reference is running"
+SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    rounds: int  # rounds without and as many with the tracer
+    round_seconds: float
+    addrs: int  # flows = addrs x ports for the ratios and the flow check
+    ports: int
+    flows_connects: int  # connects of the flow check
+    rss_addrs: int  # flows of the memory figure = rss_addrs x ports
+    rss_max_flows: int
+    catch_up_s: float  # longest wait for the auditor to announce every flow
+
+
+FULL = Config("full", rounds=7, round_seconds=4.0, addrs=100, ports=100, flows_connects=1_000_000,
+              rss_addrs=1000, rss_max_flows=131072, catch_up_s=240.0)
+QUICK = Config("quick", rounds=1, round_seconds=0.5, addrs=10, ports=10, flows_connects=20_000,
+               rss_addrs=50, rss_max_flows=4096, catch_up_s=30.0)
+
+
+@dataclass
+class Context:
+    cfg: Config
+    ns: Namespace
+    loadgen: Path
+    workdir: Path
+    auditor: list[str]
+    log: Callable[[str], None]
+    startups: list[float]
+    rss_ready: list[float]
+    attach: str = "unknown"
+
+    def auditor_tracer(self, label: str, *extra: str) -> Tracer:
+        argv = [*self.auditor, "trace", "-i", "ebpf", "--no-live", *extra]
+        return Tracer(argv, AUDITOR_RUNNING, self.workdir, label)
+
+    def started(self, tracer: Tracer) -> None:
+        """Record the figures every auditor start gives: start-up time, ready RSS, attach path."""
+        self.startups.append(tracer.startup_s)
+        self.rss_ready.append(status_mb(tracer.pid))
+        for line in tracer.lines:
+            if "input attached:" in line:
+                self.attach = line.split("input attached:", 1)[1].strip()
+
+
+def auditor_command() -> list[str]:
+    found = shutil.which("egress-auditor")
+    return [found] if found else [sys.executable, "-m", "egress_auditor"]
+
+
+def events_lost(stopped: Stopped) -> int:
+    match = STOPPED.search(stopped.stderr)
+    return int(match.group(3)) if match else 0
+
+
+# -- benchmarks ----------------------------------------------------------------------
+
+
+def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool) -> dict[str, Any]:
+    """Alternating rounds (ABBA) with and without a tracer; per pair, traced rate / untraced rate."""
+    cfg = ctx.cfg
+    flows = cfg.addrs * cfg.ports
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    lost = 0
+    crowded = 0  # rounds during which another process held BPF programs
+
+    def one_round(traced: bool, index: int) -> float:
+        nonlocal lost, crowded
+        if not traced:
+            run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows)
+            crowded += other_tracers(set()) > 0
+            return run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds).rate
+        tracer = make_tracer(index)
+        with running(tracer):
+            if auditor:
+                ctx.started(tracer)
+            # An untimed pass makes every flow known first: the timed part is the steady state.
+            run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows)
+            if auditor:
+                wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
+            crowded += other_tracers({tracer.pid}) > 0
+            rate = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds).rate
+            stopped = tracer.stop()
+        if auditor:
+            lost += events_lost(stopped)
+        else:
+            lost += json.loads(stopped.stdout)["lost"]
+        return rate
+
+    pair_ratios = []
+    for index in range(cfg.rounds):
+        order = (False, True) if index % 2 == 0 else (True, False)
+        pair = {traced: one_round(traced, index) for traced in order}
+        rates[False].append(pair[False])
+        rates[True].append(pair[True])
+        pair_ratios.append(pair[True] / pair[False])
+        ctx.log(f"  round {index + 1}/{cfg.rounds}: {pair[False]:,.0f}/s untraced, {pair[True]:,.0f}/s traced, "
+                f"ratio {pair_ratios[-1]:.3f}")
+    return {
+        **Spread.of(pair_ratios).as_dict(),
+        "rate_off_median": round(statistics.median(rates[False]), 1),
+        "rate_on_median": round(statistics.median(rates[True]), 1),
+        "rates_off": [round(r, 1) for r in rates[False]],
+        "rates_on": [round(r, 1) for r in rates[True]],
+        "round_seconds": cfg.round_seconds,
+        "flows": flows,
+        "addresses": cfg.addrs,
+        "ports": cfg.ports,
+        "events_lost": lost,
+        "rounds_with_other_bpf_users": crowded,
+    }
+
+
+def flow_check(ctx: Context) -> dict[str, Any]:
+    """Many connects over every flow with the auditor running: each flow present, each count exact."""
+    cfg = ctx.cfg
+    flows = cfg.addrs * cfg.ports
+    tracer = ctx.auditor_tracer("flows", "-O", "iptables:verbose:1")
+    with running(tracer):
+        ctx.started(tracer)
+        cpu_ready = cpu_seconds(tracer.pid)
+        began = time.monotonic()
+        load = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=cfg.flows_connects,
+                          flows_out=ctx.workdir / "flows.txt")
+        load_seconds = time.monotonic() - began
+        wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
+        time.sleep(SYNC_MARGIN_S)
+        cpu_s = cpu_seconds(tracer.pid) - cpu_ready
+        stopped = tracer.stop()
+    counts = rule_counts(stopped.stdout)
+    lost = [f for f in load.flows if f not in counts]
+    wrong = [f for f in load.flows if f in counts and counts[f] != load.flows[f]]
+    if wrong:
+        ctx.log(f"  wrong counts, e.g. {wrong[:3]}: " + ", ".join(f"{counts[f]} != {load.flows[f]}" for f in wrong[:3]))
+    return {
+        "expected": len(load.flows),
+        "lost": len(lost),
+        "count_mismatches": len(wrong),
+        "unexpected": len([f for f in counts if f not in load.flows]),
+        "connects": load.connects,
+        "client_failures": load.failures,
+        "client_errors": load.errors,
+        "cpu_s": round(cpu_s, 3),
+        "load_seconds": round(load_seconds, 2),
+        "events_lost": events_lost(stopped),
+        "exit_status": stopped.returncode,
+    }
+
+
+def memory(ctx: Context) -> dict[str, Any]:
+    """Resident memory growth from ready to holding rss_addrs x ports flows."""
+    cfg = ctx.cfg
+    flows = cfg.rss_addrs * cfg.ports
+    tracer = ctx.auditor_tracer("memory", "-I", f"ebpf:max_flows:{cfg.rss_max_flows}")
+    with running(tracer):
+        ctx.started(tracer)
+        rss_ready = status_mb(tracer.pid)
+        run_client(ctx.ns, ctx.loadgen, cfg.rss_addrs, cfg.ports, count=flows)
+        seen = wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
+        time.sleep(SYNC_MARGIN_S)
+        rss_after = status_mb(tracer.pid)
+        hwm = status_mb(tracer.pid, "VmHWM")
+        stopped = tracer.stop()
+    return {
+        "flows_made": flows,
+        "flows_seen": len(seen),
+        "max_flows": cfg.rss_max_flows,
+        "rss_ready_mb": round(rss_ready, 1),
+        "rss_after_mb": round(rss_after, 1),
+        "hwm_mb": round(hwm, 1),
+        "growth_mb": round(rss_after - rss_ready, 1),
+        "events_lost": events_lost(stopped),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+def machine(attach: str) -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    try:
+        import bcc  # the Debian package has no __version__ before 0.27
+
+        bcc_version = getattr(bcc, "__version__", "installed")
+    except ImportError:
+        bcc_version = "missing"
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "attach": attach,
+        "python": platform.python_version(),
+        "bcc": bcc_version,
+    }
+
+
+def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every benchmark of the mode; returns what results.json holds."""
+    if os.geteuid() != 0:
+        raise SystemExit("bench/run.py needs root (BPF programs, network namespaces): sudo make bench")
+    began = time.monotonic()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    workdir = BUILD_DIR / f"run-{cfg.mode}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    loadgen = build_loadgen()
+    per_event = [sys.executable, str(BENCH_DIR / "per_event.py")]
+    with namespace() as ns, server(ns, loadgen, cfg.ports, lifetime_s=3600):
+        ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [])
+        log(f"connect ratio, auditor ({cfg.rounds} rounds each)")
+        ebpf = ratio(ctx, lambda i: ctx.auditor_tracer(f"ratio-{i}"), auditor=True)
+        log("connect ratio, per-event reference")
+        reference = ratio(ctx, lambda i: Tracer(per_event, PER_EVENT_RUNNING, workdir, f"per-event-{i}"),
+                          auditor=False)
+        log(f"flow check: {cfg.flows_connects:,} connects over {cfg.addrs * cfg.ports:,} flows")
+        flows = flow_check(ctx)
+        log(f"memory: {cfg.rss_addrs * cfg.ports:,} flows")
+        rss = memory(ctx)
+    startup = Spread.of(ctx.startups)
+    ready = Spread.of(ctx.rss_ready)
+    cpu_per_million = flows["cpu_s"] / (flows["connects"] / 1e6)
+    return {
+        "mode": cfg.mode,
+        "started": started,
+        "duration_s": round(time.monotonic() - began, 1),
+        "machine": machine(ctx.attach),
+        "connect_ratio_ebpf": ebpf["median"],
+        "connect_ratio_per_event_reference": reference["median"],
+        "flows_expected": flows["expected"],
+        "flows_lost": flows["lost"],
+        "userspace_cpu_s_per_million": round(cpu_per_million, 3),
+        "startup_seconds": round(startup.median, 3),
+        "rss_mb_ready": round(ready.median, 1),
+        "rss_mb_100k_flows": rss["growth_mb"],
+        "details": {
+            "connect_ratio_ebpf": ebpf,
+            "connect_ratio_per_event_reference": reference,
+            "flows": flows,
+            "startup_seconds": startup.as_dict(3),
+            "rss_mb_ready": ready.as_dict(1),
+            "rss_mb_100k_flows": rss,
+        },
+        "pending": report.PENDING,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run with tiny numbers")
+    parser.add_argument("--json", type=Path, help="results file (default bench/results.json)")
+    parser.add_argument("--markdown", type=Path, help="table (default docs/benchmarks.md)")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    # A quick run never overwrites the real figures.
+    default_dir = BUILD_DIR if args.quick else None
+    json_path = args.json or (default_dir / "results.json" if default_dir else BENCH_DIR / "results.json")
+    md_path = args.markdown or (default_dir / "benchmarks.md" if default_dir else ROOT / "docs" / "benchmarks.md")
+    results = run_all(cfg, log=lambda text: print(text, file=sys.stderr, flush=True))
+    report.write_json(results, json_path)
+    report.write_markdown(results, md_path)
+    for key in report.KEYS:
+        verdict = report.met(results, key)
+        state = "" if verdict is None else (" (goal met)" if verdict else " (goal MISSED)")
+        print(f"{key}: {results[key]}{state}", file=sys.stderr)
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
