@@ -46,6 +46,7 @@ from bench.harness import (
 AUDITOR_RUNNING = "egress-auditor is running"
 PER_EVENT_RUNNING = "per-event reference is running"
 SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
+NETFILTER_INPUTS = ("nflog", "nfqueue")
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,28 @@ class Config:
     catch_up_s: float  # longest wait for the auditor to announce every flow
 
 
-FULL = Config("full", rounds=7, round_seconds=4.0, addrs=100, ports=100, flows_connects=1_000_000,
-              rss_addrs=1000, rss_max_flows=131072, catch_up_s=240.0)
-QUICK = Config("quick", rounds=1, round_seconds=0.5, addrs=10, ports=10, flows_connects=20_000,
-               rss_addrs=50, rss_max_flows=4096, catch_up_s=30.0)
+FULL = Config(
+    "full",
+    rounds=7,
+    round_seconds=4.0,
+    addrs=100,
+    ports=100,
+    flows_connects=1_000_000,
+    rss_addrs=1000,
+    rss_max_flows=131072,
+    catch_up_s=240.0,
+)
+QUICK = Config(
+    "quick",
+    rounds=1,
+    round_seconds=0.5,
+    addrs=10,
+    ports=10,
+    flows_connects=20_000,
+    rss_addrs=50,
+    rss_max_flows=4096,
+    catch_up_s=30.0,
+)
 
 
 @dataclass
@@ -81,6 +100,11 @@ class Context:
 
     def auditor_tracer(self, label: str, *extra: str) -> Tracer:
         argv = [*self.auditor, "trace", "-i", "ebpf", "--no-live", *extra]
+        return Tracer(argv, AUDITOR_RUNNING, self.workdir, label)
+
+    def netfilter_tracer(self, name: str, label: str) -> Tracer:
+        """An nflog/nfqueue auditor inside the namespace: its rules go to the namespace's firewall only."""
+        argv = self.ns.cmd([*self.auditor, "trace", "-i", name, "-I", f"{name}:setup:auto", "--no-live"])
         return Tracer(argv, AUDITOR_RUNNING, self.workdir, label)
 
     def started(self, tracer: Tracer) -> None:
@@ -105,8 +129,10 @@ def events_lost(stopped: Stopped) -> int:
 # -- benchmarks ----------------------------------------------------------------------
 
 
-def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool) -> dict[str, Any]:
-    """Alternating rounds (ABBA) with and without a tracer; per pair, traced rate / untraced rate."""
+def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool, ebpf: bool = False) -> dict[str, Any]:
+    """Alternating rounds (ABBA) with and without a tracer; per pair, traced rate / untraced rate.
+    `auditor`: the tracer is egress-auditor (it announces flows and reports lost events on stderr);
+    `ebpf`: its start-up time and memory count in those figures."""
     cfg = ctx.cfg
     flows = cfg.addrs * cfg.ports
     rates: dict[bool, list[float]] = {False: [], True: []}
@@ -121,7 +147,7 @@ def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool) -> 
             return run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds).rate
         tracer = make_tracer(index)
         with running(tracer):
-            if auditor:
+            if ebpf:
                 ctx.started(tracer)
             # An untimed pass makes every flow known first: the timed part is the steady state.
             run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows)
@@ -132,6 +158,8 @@ def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool) -> 
             stopped = tracer.stop()
         if auditor:
             lost += events_lost(stopped)
+            if stopped.returncode != 0:
+                raise RuntimeError(f"auditor exited with {stopped.returncode}: {stopped.stderr[-2000:]}")
         else:
             lost += json.loads(stopped.stdout)["lost"]
         return rate
@@ -143,8 +171,10 @@ def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool) -> 
         rates[False].append(pair[False])
         rates[True].append(pair[True])
         pair_ratios.append(pair[True] / pair[False])
-        ctx.log(f"  round {index + 1}/{cfg.rounds}: {pair[False]:,.0f}/s untraced, {pair[True]:,.0f}/s traced, "
-                f"ratio {pair_ratios[-1]:.3f}")
+        ctx.log(
+            f"  round {index + 1}/{cfg.rounds}: {pair[False]:,.0f}/s untraced, {pair[True]:,.0f}/s traced, "
+            f"ratio {pair_ratios[-1]:.3f}"
+        )
     return {
         **Spread.of(pair_ratios).as_dict(),
         "rate_off_median": round(statistics.median(rates[False]), 1),
@@ -169,8 +199,9 @@ def flow_check(ctx: Context) -> dict[str, Any]:
         ctx.started(tracer)
         cpu_ready = cpu_seconds(tracer.pid)
         began = time.monotonic()
-        load = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=cfg.flows_connects,
-                          flows_out=ctx.workdir / "flows.txt")
+        load = run_client(
+            ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=cfg.flows_connects, flows_out=ctx.workdir / "flows.txt"
+        )
         load_seconds = time.monotonic() - began
         wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
         time.sleep(SYNC_MARGIN_S)
@@ -262,10 +293,13 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     with namespace() as ns, server(ns, loadgen, cfg.ports, lifetime_s=3600):
         ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [])
         log(f"connect ratio, auditor ({cfg.rounds} rounds each)")
-        ebpf = ratio(ctx, lambda i: ctx.auditor_tracer(f"ratio-{i}"), auditor=True)
+        ebpf = ratio(ctx, lambda i: ctx.auditor_tracer(f"ratio-{i}"), auditor=True, ebpf=True)
         log("connect ratio, per-event reference")
-        reference = ratio(ctx, lambda i: Tracer(per_event, PER_EVENT_RUNNING, workdir, f"per-event-{i}"),
-                          auditor=False)
+        reference = ratio(ctx, lambda i: Tracer(per_event, PER_EVENT_RUNNING, workdir, f"per-event-{i}"), auditor=False)
+        netfilter = {}
+        for name in NETFILTER_INPUTS:
+            log(f"connect ratio, auditor with -i {name}")
+            netfilter[name] = ratio(ctx, lambda i, n=name: ctx.netfilter_tracer(n, f"{n}-{i}"), auditor=True)
         log(f"flow check: {cfg.flows_connects:,} connects over {cfg.addrs * cfg.ports:,} flows")
         flows = flow_check(ctx)
         log(f"memory: {cfg.rss_addrs * cfg.ports:,} flows")
@@ -286,6 +320,7 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "startup_seconds": round(startup.median, 3),
         "rss_mb_ready": round(ready.median, 1),
         "rss_mb_100k_flows": rss["growth_mb"],
+        **{f"connect_ratio_{name}": figures["median"] for name, figures in netfilter.items()},
         "details": {
             "connect_ratio_ebpf": ebpf,
             "connect_ratio_per_event_reference": reference,
@@ -293,6 +328,7 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             "startup_seconds": startup.as_dict(3),
             "rss_mb_ready": ready.as_dict(1),
             "rss_mb_100k_flows": rss,
+            **{f"connect_ratio_{name}": figures for name, figures in netfilter.items()},
         },
         "pending": report.PENDING,
     }
