@@ -175,6 +175,7 @@ def decode_comm(raw: bytes) -> str:
     return sys.intern(raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace"))
 
 
+RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be counted after its flow
 SYNC_BATCH = 4096  # kernel flows read per bpf(2) call: small buffers, kept between syncs
 _U64 = struct.Struct("=Q")
 
@@ -352,25 +353,30 @@ class EbpfInput:
         Only flows used since the last sync are decoded.
 
         A flow lacks its event only if events were lost since the last sync and the
-        flow is newer than that sync: the clock is read before the loss counter, so
-        a loss counted later belongs to a flow the next sync still looks at."""
+        flow is new since then. Events already in the buffers are drained first, up
+        to a cutoff, so one still queued is never taken for lost; flows first seen
+        after the cutoff wait for the next sync, whose window starts RECOVERY_MARGIN_NS
+        before it in case their loss was counted just after the counter was read."""
         if self.bpf is None:
             return
-        since, self._synced_ns = self._synced_ns, time.monotonic_ns()
+        since = self._synced_ns
         lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
         recover, self._lost_seen = lost != self._lost_seen, lost
+        cutoff = self._synced_ns = time.monotonic_ns()
+        self.poll(0, emit)
         announced = (self._announced, self._announced_before)
         self._announced_before, self._announced = self._announced, set()
+        window = since - RECOVERY_MARGIN_NS
         key_type = self.bpf["flows"].Key
         for raw, count, first_ns, last_ns in self._flow_entries():
-            if last_ns < since:
+            if last_ns < window:  # folded already, unless counted just before the last cutoff
                 continue
             key = key_type.from_buffer_copy(raw)
             family = Family(key.family)
             comm = decode_comm(bytes(key.comm))
             dst = to_address(family, key.daddr)
             dport = self._port(key.dport)
-            if recover and first_ns >= since and not any(raw in keys for keys in announced):
+            if recover and window <= first_ns < cutoff and not any(raw in keys for keys in announced):
                 emit(
                     self._named(
                         Connection(
