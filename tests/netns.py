@@ -45,6 +45,9 @@ def namespace(label: str = "t") -> Iterator[Namespace]:
     ns = Namespace(f"ea-{label}-{uuid.uuid4().hex[:8]}")
     subprocess.run(["ip", "netns", "add", ns.name], check=True)
     try:
+        # No duplicate address detection: a fresh link's addresses are usable at once.
+        for scope in ("all", "default"):
+            ns.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.accept_dad=0"])
         ns.run(["ip", "link", "set", "lo", "up"])
         yield ns
     finally:
@@ -81,7 +84,19 @@ def link(a: Namespace, b: Namespace) -> Link:
         ns.run(["ip", "addr", "add", f"{v4}/24", "dev", dev])
         ns.run(["ip", "addr", "add", f"{v6}/64", "dev", dev, "nodad"])
         ns.run(["ip", "link", "set", dev, "up"])
+    for address in (pair.b4, pair.b6):
+        wait_for_ping(a, address)
     return pair
+
+
+def wait_for_ping(ns: Namespace, address: str, timeout: float = 15.0) -> None:
+    """Until `address` answers from ns: a new veth (IPv6 above all) is not usable at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ns.run(["ping", "-c", "1", "-W", "1", address], check=False).returncode == 0:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{address} does not answer from {ns.name}")
 
 
 def wait_for_port(ns: Namespace, host: str, port: int, timeout: float = 30.0) -> None:
