@@ -8,26 +8,20 @@ BPF_RINGBUF_OUTPUT(dns_events, EA_RINGBUF_PAGES);
 
 int dns_ingress(struct __sk_buff *skb)
 {
-    u8 first = 0, proto = 0;
+    u8 first = 0;
     u32 l4 = 0;
     u8 family;
-    if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
+    u8 proto = skb_l4_protocol(skb, &first);
+    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
         return 1;
     if ((first >> 4) == 4) {
         family = EA_AF_INET;
         l4 = (first & 0x0f) * 4;
-        bpf_skb_load_bytes(skb, 9, &proto, 1);
-    } else if ((first >> 4) == 6) {
+    } else {
         family = EA_AF_INET6;
         l4 = 40; /* extension headers before UDP/TCP are not followed */
-        bpf_skb_load_bytes(skb, 6, &proto, 1);
-    } else {
-        return 1;
     }
-    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
-        return 1;
-    u16 sport_be = 0;
-    if (bpf_skb_load_bytes(skb, l4, &sport_be, 2) != 0 || ntohs(sport_be) != EA_DNS_PORT)
+    if (ntohs(skb_sport_be(skb, l4)) != EA_DNS_PORT)
         return 1;
 
     u32 payload;

@@ -65,6 +65,41 @@ static __always_inline int is_v4_mapped(const u8 *a)
            a[10] == 0xff && a[11] == 0xff;
 }
 
+/* The first byte (IP version, IHL) and the L4 protocol of a packet at a
+ * cgroup_skb hook; 0 if it is neither IPv4 nor IPv6. Read straight from the
+ * packet when its headers are linear, as they are for local TCP and UDP: the
+ * cgroup_skb programs see every packet, and two bpf_skb_load_bytes calls per
+ * packet cost more than all else they do for the TCP packets they let by. */
+static __always_inline u8 skb_l4_protocol(struct __sk_buff *skb, u8 *first)
+{
+    u8 *data = (u8 *)(long)skb->data;
+    u8 *end = (u8 *)(long)skb->data_end;
+    u8 proto = 0;
+    if (data + 10 <= end) {
+        *first = data[0];
+        proto = (*first >> 4) == 4 ? data[9] : data[6];
+    } else {
+        if (bpf_skb_load_bytes(skb, 0, first, 1) != 0)
+            return 0;
+        bpf_skb_load_bytes(skb, (*first >> 4) == 4 ? 9 : 6, &proto, 1);
+    }
+    return (*first >> 4) == 4 || (*first >> 4) == 6 ? proto : 0;
+}
+
+/* The L4 source port (network order) at offset l4 of the packet; 0 if unreadable. */
+static __always_inline u16 skb_sport_be(struct __sk_buff *skb, u32 l4)
+{
+    u8 *data = (u8 *)(long)skb->data;
+    u8 *end = (u8 *)(long)skb->data_end;
+    u16 sport_be = 0;
+    l4 &= 0x7f; /* at most 60 (IPv4 options) or 40 (IPv6): a bound the verifier can see */
+    if (data + l4 + 2 <= end)
+        __builtin_memcpy(&sport_be, data + l4, 2);
+    else
+        bpf_skb_load_bytes(skb, l4, &sport_be, 2);
+    return sport_be;
+}
+
 static __always_inline void emit(void *ctx, struct ea_connect_event *ev)
 {
 #ifdef EA_USE_RINGBUF

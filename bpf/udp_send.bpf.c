@@ -105,14 +105,8 @@ int udp_sendmsg6(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 1, 0); }
 /* The first datagram a connected UDP socket sends makes it a flow. */
 int udp_egress(struct __sk_buff *skb)
 {
-    u8 first = 0, proto = 0;
-    if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
-        return 1;
-    if ((first >> 4) == 4)
-        bpf_skb_load_bytes(skb, 9, &proto, 1);
-    else if ((first >> 4) == 6)
-        bpf_skb_load_bytes(skb, 6, &proto, 1);
-    if (proto != IPPROTO_UDP)
+    u8 first = 0;
+    if (skb_l4_protocol(skb, &first) != IPPROTO_UDP)
         return 1;
     u64 cookie = bpf_get_socket_cookie(skb);
     struct ea_connect_event *pending = udp_connected.lookup(&cookie);
@@ -127,20 +121,18 @@ int udp_egress(struct __sk_buff *skb)
 /* Remember who sent each UDP datagram that arrives (see is_reply). */
 int udp_ingress(struct __sk_buff *skb)
 {
-    u8 first = 0, proto = 0;
+    u8 first = 0;
     u32 l4;
     struct ea_udp_peer peer = {};
-    if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
+    if (skb_l4_protocol(skb, &first) != IPPROTO_UDP)
         return 1;
     if ((first >> 4) == 4) {
-        bpf_skb_load_bytes(skb, 9, &proto, 1);
-        if (proto != IPPROTO_UDP || bpf_skb_load_bytes(skb, 12, peer.addr, 4) != 0)
+        if (bpf_skb_load_bytes(skb, 12, peer.addr, 4) != 0)
             return 1;
         peer.family = EA_AF_INET;
         l4 = (first & 0x0f) * 4;
     } else if ((first >> 4) == 6) {
-        bpf_skb_load_bytes(skb, 6, &proto, 1);
-        if (proto != IPPROTO_UDP || bpf_skb_load_bytes(skb, 8, peer.addr, 16) != 0)
+        if (bpf_skb_load_bytes(skb, 8, peer.addr, 16) != 0)
             return 1;
         peer.family = EA_AF_INET6;
         l4 = 40;
