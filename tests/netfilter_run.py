@@ -157,3 +157,22 @@ def summary_numbers(stderr: Sequence[str]) -> tuple[int, int, int]:
         if match:
             return int(match.group(1)), int(match.group(2)), int(match.group(3))
     raise AssertionError(f"no closing line: {stderr}")
+
+
+NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+def start_auditor(auditors: list[Auditor], ns: Namespace, input_name: str, *args: str) -> Auditor:
+    """An auditor with `-i input_name` in ns, once it says it is running; killed by the `auditors` fixture."""
+    auditors.append(Auditor(ns, ["-i", input_name, *args]))
+    auditors[-1].wait_running()
+    return auditors[-1]
+
+
+def curl(ns: Namespace, url: str, *prefix: str) -> int:
+    return ns.run([*prefix, "curl", "-sS", "-o", "/dev/null", "--max-time", "5", url], check=False).returncode
+
+
+def flow_line(host: str, port: int, protocol: str = "TCP") -> str:
+    endpoint = re.escape(f"[{host}]" if ":" in host else host)
+    return rf"^new {protocol} connection \S+ -> {endpoint}:{port}\b"

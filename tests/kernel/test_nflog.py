@@ -14,16 +14,19 @@ import pytest
 from netfilter_run import (
     EGRESS_AUDITOR,
     HOLDING_CLIENT,
+    NOBODY,
     UDP_BURST,
     Auditor,
+    curl,
+    flow_line,
     nft_tables,
+    start_auditor,
     summary_numbers,
     tagged_iptables,
 )
 from netns import Link, Namespace, http_server
 
 PORT = 18090
-NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
 @pytest.fixture
@@ -32,27 +35,8 @@ def served(net: Link) -> Iterator[Link]:
         yield net
 
 
-@pytest.fixture
-def auditors() -> Iterator[list[Auditor]]:
-    started: list[Auditor] = []
-    yield started
-    for auditor in started:
-        auditor.kill()
-
-
 def start(auditors: list[Auditor], ns: Namespace, *args: str) -> Auditor:
-    auditors.append(Auditor(ns, ["-i", "nflog", *args]))
-    auditors[-1].wait_running()
-    return auditors[-1]
-
-
-def curl(ns: Namespace, url: str, *prefix: str) -> int:
-    return ns.run([*prefix, "curl", "-sS", "-o", "/dev/null", "--max-time", "5", url], check=False).returncode
-
-
-def flow_line(host: str, port: int, protocol: str = "TCP") -> str:
-    endpoint = re.escape(f"[{host}]" if ":" in host else host)
-    return rf"^new {protocol} connection \S+ -> {endpoint}:{port}\b"
+    return start_auditor(auditors, ns, "nflog", *args)
 
 
 def test_the_go_tools_way_a_users_rule_and_a_group(served: Link, auditors: list[Auditor]) -> None:

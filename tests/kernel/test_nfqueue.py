@@ -4,7 +4,6 @@ SIGKILL in the middle of a stream of connections, and every one succeeds."""
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -12,8 +11,12 @@ from collections.abc import Iterator
 import pytest
 from netfilter_run import (
     EGRESS_AUDITOR,
+    NOBODY,
     Auditor,
+    curl,
+    flow_line,
     nft_tables,
+    start_auditor,
     stream,
     stream_result,
     summary_numbers,
@@ -22,7 +25,6 @@ from netfilter_run import (
 from netns import Link, Namespace, http_server
 
 PORT = 18091
-NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
 @pytest.fixture
@@ -31,27 +33,8 @@ def served(net: Link) -> Iterator[Link]:
         yield net
 
 
-@pytest.fixture
-def auditors() -> Iterator[list[Auditor]]:
-    started: list[Auditor] = []
-    yield started
-    for auditor in started:
-        auditor.kill()
-
-
 def start(auditors: list[Auditor], ns: Namespace, *args: str) -> Auditor:
-    auditors.append(Auditor(ns, ["-i", "nfqueue", *args]))
-    auditors[-1].wait_running()
-    return auditors[-1]
-
-
-def curl(ns: Namespace, url: str, *prefix: str) -> int:
-    return ns.run([*prefix, "curl", "-sS", "-o", "/dev/null", "--max-time", "5", url], check=False).returncode
-
-
-def flow_line(host: str, port: int, protocol: str = "TCP") -> str:
-    endpoint = re.escape(f"[{host}]" if ":" in host else host)
-    return rf"^new {protocol} connection \S+ -> {endpoint}:{port}\b"
+    return start_auditor(auditors, ns, "nfqueue", *args)
 
 
 def queued_packets(ns: Namespace) -> int:
