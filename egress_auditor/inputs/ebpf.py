@@ -177,6 +177,7 @@ def decode_comm(raw: bytes) -> str:
 
 RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be counted after its flow
 SYNC_BATCH = 4096  # kernel flows read per bpf(2) call: small buffers, kept between syncs
+POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
 _U64 = struct.Struct("=Q")
 
 
@@ -212,6 +213,8 @@ class EbpfInput:
         self._ports: dict[int, int] = {}  # one int object per port number, shared by its flows
         self._batch: tuple[Any, Any] | None = None  # (keys, values) buffers of SYNC_BATCH entries
         self._pending: list[Connection] = []
+        self._batch_full = False  # the last poll stopped at POLL_BATCH: more may wait in the ring buffer
+        self._last_event_ns = 0
         self._links: list[int] = []  # bpf_link fds: closing them detaches, even on SIGKILL
         self._legacy_attached: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) without links
         self._cgroup_fd: int | None = None
@@ -287,11 +290,15 @@ class EbpfInput:
                 BPF.attach_func(fn, self._cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
                 self._legacy_attached.append((fn, self._cgroup_fd, attach_type))
 
-    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         event = self.bpf["events"].event(data)
         if event.flags != EVENT_MAP_FULL:
             self._announced.add(self._raw_key(event))
         self._pending.append(self._connection(event))
+        self._last_event_ns = event.ts_ns
+        # Below zero, libbpf stops reading the ring buffer (this event is kept); perf buffers ignore it.
+        self._batch_full = len(self._pending) >= POLL_BATCH
+        return -1 if self._batch_full else 0
 
     def _on_dns(self, _ctx: Any, data: Any, _size: int) -> None:
         event = self.bpf["dns_events"].event(data)
@@ -348,6 +355,14 @@ class EbpfInput:
         for conn in pending:
             emit(self._named(conn))
 
+    def _drain(self, cutoff_ns: int, emit: Emit) -> None:
+        """Emit every event written before cutoff_ns, a batch at a time."""
+        while True:
+            self._batch_full = False
+            self.poll(0, emit)
+            if not self._batch_full or self._last_event_ns >= cutoff_ns:
+                return
+
     def sync(self, emit: Emit, on_count: OnCount) -> None:
         """Fold kernel counts; a flow whose first event was lost is emitted from the map.
         Only flows used since the last sync are decoded.
@@ -363,7 +378,7 @@ class EbpfInput:
         lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
         recover, self._lost_seen = lost != self._lost_seen, lost
         cutoff = self._synced_ns = time.monotonic_ns()
-        self.poll(0, emit)
+        self._drain(cutoff, emit)
         announced = (self._announced, self._announced_before)
         self._announced_before, self._announced = self._announced, set()
         window = since - RECOVERY_MARGIN_NS
