@@ -113,6 +113,10 @@ def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     details = results["details"]
     ratio = details["connect_ratio_ebpf"]
+    tcp = details["connect_ratio_ebpf_tcp_only"]
+    conntrack_peak = max(
+        (d.get("conntrack_entries_max", 0) for d in details.values() if isinstance(d, dict)), default=0
+    )
     flows = details["flows"]
     rss = details["rss_mb_100k_flows"]
     noisy = sum(d.get("rounds_with_other_bpf_users", 0) for d in details.values() if isinstance(d, dict))
@@ -159,6 +163,15 @@ def markdown(results: dict[str, Any]) -> str:
             _rates(k.removeprefix("connect_ratio_"), d) for k, d in details.items() if k.startswith("connect_ratio_")
         )
         + ".",
+        f"- Where the eBPF input's cost goes: tracing TCP only (`-I ebpf:udp:off -I ebpf:dns:off`) gives "
+        f"{_fmt(tcp['median'])} ({_spread(tcp)}) against {_fmt(ratio['median'])} with the defaults: the rest is "
+        "the UDP and DNS programs on the cgroup hooks, which run for every packet of every socket. The TCP part "
+        "is the sock:inet_sock_set_state tracepoint, which fires about 7 times per connection (every state "
+        "change, both ends) and formats its record each time before the program can reject it.",
+        f"- nflog and nfqueue: their rules match `--state NEW`, so the namespace tracks every connection; "
+        f"each traced round starts from an empty table (a reset connection stays 10 s). At the end of a round "
+        f"the table held up to {conntrack_peak:,} entries of {details.get('conntrack_max', 0):,}: a load like "
+        "this one kept up longer fills it, and the kernel then drops new connections (`nf_conntrack: table full`).",
         f"- Flows: {flows['connects']:,} connects over {flows['expected']:,} flows with the auditor running "
         "(`-O iptables:verbose:1`); each flow's `N connection(s)` is compared with the load generator's own count: "
         f"{flows['lost']} missing, {flows['count_mismatches']} with a wrong count, {flows['client_failures']} failed "

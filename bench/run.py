@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,12 +48,14 @@ AUDITOR_RUNNING = "egress-auditor is running"
 PER_EVENT_RUNNING = "per-event reference is running"
 SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
 NETFILTER_INPUTS = ("nflog", "nfqueue")
+TCP_ONLY = ("-I", "ebpf:udp:off", "-I", "ebpf:dns:off")
 
 
 @dataclass(frozen=True)
 class Config:
     mode: str
-    rounds: int  # rounds without and as many with the tracer
+    rounds: int  # rounds without and as many with the auditor (-i ebpf, the goal's figure)
+    other_rounds: int  # the same for the other tracers and breakdowns
     round_seconds: float
     addrs: int  # flows = addrs x ports for the ratios and the flow check
     ports: int
@@ -60,11 +63,13 @@ class Config:
     rss_addrs: int  # flows of the memory figure = rss_addrs x ports
     rss_max_flows: int
     catch_up_s: float  # longest wait for the auditor to announce every flow
+    conntrack_wait_s: float  # longest wait for the namespace's conntrack table to empty before a netfilter round
 
 
 FULL = Config(
     "full",
     rounds=7,
+    other_rounds=5,
     round_seconds=4.0,
     addrs=100,
     ports=100,
@@ -72,10 +77,12 @@ FULL = Config(
     rss_addrs=1000,
     rss_max_flows=131072,
     catch_up_s=240.0,
+    conntrack_wait_s=15.0,
 )
 QUICK = Config(
     "quick",
     rounds=1,
+    other_rounds=1,
     round_seconds=0.5,
     addrs=10,
     ports=10,
@@ -83,6 +90,7 @@ QUICK = Config(
     rss_addrs=50,
     rss_max_flows=4096,
     catch_up_s=30.0,
+    conntrack_wait_s=0.0,
 )
 
 
@@ -129,15 +137,24 @@ def events_lost(stopped: Stopped) -> int:
 # -- benchmarks ----------------------------------------------------------------------
 
 
-def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool, ebpf: bool = False) -> dict[str, Any]:
+def ratio(
+    ctx: Context,
+    make_tracer: Callable[[int], Tracer],
+    auditor: bool,
+    ebpf: bool = False,
+    conntrack: bool = False,
+    rounds: int | None = None,
+) -> dict[str, Any]:
     """Alternating rounds (ABBA) with and without a tracer; per pair, traced rate / untraced rate.
     `auditor`: the tracer is egress-auditor (it announces flows and reports lost events on stderr);
-    `ebpf`: its start-up time and memory count in those figures."""
+    `ebpf`: its start-up time and memory count in those figures;
+    `conntrack`: its rules track connections, so each traced round starts from an empty table."""
     cfg = ctx.cfg
     flows = cfg.addrs * cfg.ports
     rates: dict[bool, list[float]] = {False: [], True: []}
     lost = 0
     crowded = 0  # rounds during which another process held BPF programs
+    tracked: list[int] = []  # conntrack entries in the namespace after each traced round
 
     def one_round(traced: bool, index: int) -> float:
         nonlocal lost, crowded
@@ -145,6 +162,8 @@ def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool, ebp
             run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows)
             crowded += other_tracers(set()) > 0
             return run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds).rate
+        if conntrack:
+            wait_for_empty_conntrack(ctx.ns, cfg.conntrack_wait_s)
         tracer = make_tracer(index)
         with running(tracer):
             if ebpf:
@@ -155,6 +174,8 @@ def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool, ebp
                 wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
             crowded += other_tracers({tracer.pid}) > 0
             rate = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds).rate
+            if conntrack:
+                tracked.append(conntrack_count(ctx.ns))
             stopped = tracer.stop()
         if auditor:
             lost += events_lost(stopped)
@@ -165,14 +186,15 @@ def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool, ebp
         return rate
 
     pair_ratios = []
-    for index in range(cfg.rounds):
+    rounds = rounds or cfg.rounds
+    for index in range(rounds):
         order = (False, True) if index % 2 == 0 else (True, False)
         pair = {traced: one_round(traced, index) for traced in order}
         rates[False].append(pair[False])
         rates[True].append(pair[True])
         pair_ratios.append(pair[True] / pair[False])
         ctx.log(
-            f"  round {index + 1}/{cfg.rounds}: {pair[False]:,.0f}/s untraced, {pair[True]:,.0f}/s traced, "
+            f"  round {index + 1}/{rounds}: {pair[False]:,.0f}/s untraced, {pair[True]:,.0f}/s traced, "
             f"ratio {pair_ratios[-1]:.3f}"
         )
     return {
@@ -187,7 +209,20 @@ def ratio(ctx: Context, make_tracer: Callable[[int], Tracer], auditor: bool, ebp
         "ports": cfg.ports,
         "events_lost": lost,
         "rounds_with_other_bpf_users": crowded,
+        **({"conntrack_entries_max": max(tracked)} if tracked else {}),
     }
+
+
+def conntrack_count(ns: Namespace) -> int:
+    out = subprocess.run(ns.cmd(["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]), capture_output=True, text=True)
+    return int(out.stdout.strip() or 0)
+
+
+def wait_for_empty_conntrack(ns: Namespace, timeout_s: float) -> None:
+    """The last traced round's entries (10 s for a reset connection) would fill the table: wait them out."""
+    deadline = time.monotonic() + timeout_s
+    while conntrack_count(ns) > 100 and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def flow_check(ctx: Context) -> dict[str, Any]:
@@ -294,12 +329,37 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [])
         log(f"connect ratio, auditor ({cfg.rounds} rounds each)")
         ebpf = ratio(ctx, lambda i: ctx.auditor_tracer(f"ratio-{i}"), auditor=True, ebpf=True)
+        # Where the cost goes: the same without the UDP and DNS programs (cgroup hooks on every packet).
+        log("connect ratio, auditor tracing TCP only (-I ebpf:udp:off -I ebpf:dns:off)")
+        tcp_only = ratio(
+            ctx,
+            lambda i: ctx.auditor_tracer(f"tcp-only-{i}", *TCP_ONLY),
+            auditor=True,
+            rounds=cfg.other_rounds,
+        )
         log("connect ratio, per-event reference")
-        reference = ratio(ctx, lambda i: Tracer(per_event, PER_EVENT_RUNNING, workdir, f"per-event-{i}"), auditor=False)
+        reference = ratio(
+            ctx,
+            lambda i: Tracer(per_event, PER_EVENT_RUNNING, workdir, f"per-event-{i}"),
+            auditor=False,
+            rounds=cfg.other_rounds,
+        )
         netfilter = {}
         for name in NETFILTER_INPUTS:
             log(f"connect ratio, auditor with -i {name}")
-            netfilter[name] = ratio(ctx, lambda i, n=name: ctx.netfilter_tracer(n, f"{n}-{i}"), auditor=True)
+            netfilter[name] = ratio(
+                ctx,
+                lambda i, n=name: ctx.netfilter_tracer(n, f"{n}-{i}"),
+                auditor=True,
+                conntrack=True,
+                rounds=cfg.other_rounds,
+            )
+        conntrack_max = int(
+            subprocess.run(
+                ns.cmd(["cat", "/proc/sys/net/netfilter/nf_conntrack_max"]), capture_output=True, text=True
+            ).stdout.strip()
+            or 0
+        )
         log(f"flow check: {cfg.flows_connects:,} connects over {cfg.addrs * cfg.ports:,} flows")
         flows = flow_check(ctx)
         log(f"memory: {cfg.rss_addrs * cfg.ports:,} flows")
@@ -324,6 +384,8 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "details": {
             "connect_ratio_ebpf": ebpf,
             "connect_ratio_per_event_reference": reference,
+            "connect_ratio_ebpf_tcp_only": tcp_only,
+            "conntrack_max": conntrack_max,
             "flows": flows,
             "startup_seconds": startup.as_dict(3),
             "rss_mb_ready": ready.as_dict(1),
