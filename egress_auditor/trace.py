@@ -36,6 +36,7 @@ from egress_auditor.process import Attributor, ProcessResolver
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
 SYNC_S = 1.0
+SYNC_SHARE = 0.02  # of the time, at most, spent folding kernel counts
 STATUS_S = 0.25  # the status reads kernel counters: as often as the live table redraws, no more
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
 KILL_AFTER_SIGNALS = 3  # stop requests the command may ignore before its cgroup is killed
@@ -270,9 +271,10 @@ class TraceRun:
             if time.monotonic() >= next_sync:
                 began = time.monotonic()
                 self._sync()
-                # Reading a large kernel map costs: never spend more than a tenth of the time on it.
+                # Reading a large kernel map costs, and the CPU it takes is taken from the work being
+                # watched: never spend more than SYNC_SHARE of the time on it.
                 cost = time.monotonic() - began
-                next_sync = time.monotonic() + max(SYNC_S, 10 * cost)
+                next_sync = time.monotonic() + max(SYNC_S, cost / SYNC_SHARE)
             if self.count is not None and self._connects() >= self.count:
                 self._end_command("count")
             if time.monotonic() >= next_status:
