@@ -70,7 +70,7 @@ FULL = Config(
     "full",
     rounds=7,
     other_rounds=5,
-    round_seconds=4.0,
+    round_seconds=3.0,
     addrs=100,
     ports=100,
     flows_connects=1_000_000,
