@@ -351,3 +351,41 @@ def test_a_killed_auditor_leaves_nothing_attached() -> None:
     while attached_to_root() != before and time.monotonic() < deadline:
         time.sleep(0.1)  # the links go when the last reference to them is dropped
     assert attached_to_root() == before
+
+
+def test_names_through_a_local_stub_resolver(net: Link, collector: Collector) -> None:
+    """As with systemd-resolved: the client asks 127.0.0.53, which asks upstream."""
+    records = [f"--host-record=stub.example.test,{net.b4}"]
+    stub = [
+        "--server=" + net.b4,
+        "--listen-address=127.0.0.53",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        "--keep-in-foreground",
+        "--user=root",
+        "--pid-file=",
+        "--log-facility=/dev/null",
+    ]
+    with dnsmasq(net.b, [net.b4], records), http_server(net.b, HTTP_PORT):
+        resolver = net.a.popen(["dnsmasq", *stub], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with resolv_conf(net.a, ["127.0.0.53"]):
+                net.a.run(
+                    [
+                        "curl",
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "--retry",
+                        "3",
+                        "--retry-connrefused",
+                        f"http://stub.example.test:{HTTP_PORT}/",
+                    ]
+                )
+            collector.settle(lambda: len(collector.to(net.b4, HTTP_PORT)) >= 1)
+        finally:
+            resolver.kill()
+            resolver.wait()
+    assert [c.comm for c in collector.to("127.0.0.53", 53, Protocol.UDP)] == ["curl"]
+    assert [c.hostname for c in collector.to(net.b4, HTTP_PORT, Protocol.TCP)] == ["stub.example.test"]
