@@ -11,6 +11,7 @@ import time
 
 from egress_auditor import __version__
 from egress_auditor.model import Process, Summary
+from egress_auditor.plugins import Option
 from egress_auditor.rules import Rule
 
 
@@ -85,3 +86,13 @@ def _lineage(process: Process) -> list[str]:
                 + (f": {grand.command_line}" if grand.cmdline else "")
             )
     return lines
+
+
+# The -O <firewall>:verbose option, the same for every firewall output.
+VERBOSE_OPTION = Option(
+    "verbose",
+    "0: count, times, processes per rule in # lines; 1: a # line per process; 2: also command lines, parents",
+    "0",
+    ("0", "1", "2"),
+    convert=int,
+)

@@ -11,7 +11,7 @@ from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.provenance import header_lines, rule_lines
+from egress_auditor.provenance import VERBOSE_OPTION, header_lines, rule_lines
 from egress_auditor.rules import comment_text
 from egress_auditor.scope import SCOPES, ScopedRule
 
@@ -156,13 +156,7 @@ PLUGIN = Plugin(
             "commands",
             ("commands", "restore"),
         ),
-        Option(
-            "verbose",
-            "0: count, times, processes per rule in # lines; 1: a # line per process; 2: also command lines, parents",
-            "0",
-            ("0", "1", "2"),
-            convert=int,
-        ),
+        VERBOSE_OPTION,
         Option(
             "policy",
             "drop: also set a default DROP policy on OUTPUT (after allowing replies)",

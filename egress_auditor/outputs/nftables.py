@@ -16,7 +16,7 @@ from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
 from egress_auditor.outputs.iptables import write_atomically
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.provenance import header_lines, rule_lines
+from egress_auditor.provenance import VERBOSE_OPTION, header_lines, rule_lines
 from egress_auditor.rules import comment_text
 from egress_auditor.scope import ScopedRule
 
@@ -129,13 +129,7 @@ PLUGIN = Plugin(
     description="an nft -f file that replaces table inet egress_auditor with rules allowing what was seen",
     factory=NftablesOutput,
     options=(
-        Option(
-            "verbose",
-            "0: count, times, processes per rule in # lines; 1: a # line per process; 2: also command lines, parents",
-            "0",
-            ("0", "1", "2"),
-            convert=int,
-        ),
+        VERBOSE_OPTION,
         Option(
             "policy",
             "drop: the output chain drops what was not seen (replies and IPv6 neighbour discovery stay allowed)",
