@@ -1,28 +1,19 @@
 /* DNS answers arriving at local sockets, copied to user space to learn the
- * names behind addresses. A cgroup_skb ingress program at the cgroup v2 root:
- * it sees every packet delivered to a local socket, so it filters on the
- * source port first and returns 1 (deliver) always. UDP answers and TCP
- * answers whose message fits in one segment are copied. */
+ * names behind addresses, from the cgroup_skb ingress program at the cgroup
+ * v2 root: it sees every packet delivered to a local socket, so this filters
+ * on the source port first. UDP answers and TCP answers whose message fits
+ * in one segment are copied. */
 
 BPF_RINGBUF_OUTPUT(dns_events, EA_RINGBUF_PAGES);
 
-int dns_ingress(struct __sk_buff *skb)
+/* Copy a DNS answer (source port 53) to user space; called by the one
+ * ingress program in cgroup_hooks.bpf.c for every UDP and TCP packet. */
+static __always_inline void dns_copy_answer(struct __sk_buff *skb, struct ea_skb_head *head)
 {
-    u8 first = 0;
-    u32 l4 = 0;
-    u8 family;
-    u8 proto = skb_l4_protocol(skb, &first);
-    if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
-        return 1;
-    if ((first >> 4) == 4) {
-        family = EA_AF_INET;
-        l4 = (first & 0x0f) * 4;
-    } else {
-        family = EA_AF_INET6;
-        l4 = 40; /* extension headers before UDP/TCP are not followed */
-    }
-    if (ntohs(skb_sport_be(skb, l4)) != EA_DNS_PORT)
-        return 1;
+    u32 l4 = head->l4;
+    u8 proto = head->proto;
+    if (head->sport != EA_DNS_PORT)
+        return;
 
     u32 payload;
     u16 msg_len = 0;
@@ -32,16 +23,16 @@ int dns_ingress(struct __sk_buff *skb)
         u8 offset = 0;
         u16 prefix_be = 0;
         if (bpf_skb_load_bytes(skb, l4 + 12, &offset, 1) != 0)
-            return 1;
+            return;
         payload = l4 + (offset >> 4) * 4;
         /* DNS over TCP: a two-byte length, then the message. */
         if (bpf_skb_load_bytes(skb, payload, &prefix_be, 2) != 0)
-            return 1;
+            return;
         msg_len = ntohs(prefix_be);
         payload += 2;
     }
     if (skb->len < payload + 12) /* shorter than a DNS header: no answer */
-        return 1;
+        return;
     u64 len = skb->len - payload;
     if (proto == IPPROTO_UDP)
         msg_len = len;
@@ -49,7 +40,7 @@ int dns_ingress(struct __sk_buff *skb)
     struct ea_dns_event *ev = dns_events.ringbuf_reserve(sizeof(struct ea_dns_event));
     if (!ev) {
         count_stat(EA_STAT_EVENTS_LOST);
-        return 1;
+        return;
     }
     /* At most EA_DNS_MAX - 1 bytes, bounded where the verifier can see it:
      * the empty asm keeps the compiler from folding the mask away. */
@@ -58,17 +49,17 @@ int dns_ingress(struct __sk_buff *skb)
     asm volatile("%[len] &= %[mask]" : [len] "+r"(len) : [mask] "i"(EA_DNS_MAX - 1));
     if (len == 0) {
         dns_events.ringbuf_discard(ev, 0);
-        return 1;
+        return;
     }
     if (bpf_skb_load_bytes(skb, payload, ev->data, len) != 0) {
         dns_events.ringbuf_discard(ev, 0);
-        return 1;
+        return;
     }
     ev->ts_ns = bpf_ktime_get_ns();
     ev->cookie = bpf_get_socket_cookie(skb);
     ev->len = len;
     ev->msg_len = msg_len;
-    ev->family = family;
+    ev->family = head->family;
     ev->protocol = proto;
     ev->pid = 0;
     ev->uid = 0;
@@ -80,5 +71,4 @@ int dns_ingress(struct __sk_buff *skb)
         __builtin_memcpy(ev->comm, owner->comm, sizeof(ev->comm));
     }
     dns_events.ringbuf_submit(ev, 0);
-    return 1;
 }

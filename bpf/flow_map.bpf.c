@@ -65,25 +65,78 @@ static __always_inline int is_v4_mapped(const u8 *a)
            a[10] == 0xff && a[11] == 0xff;
 }
 
-/* The first byte (IP version, IHL) and the L4 protocol of a packet at a
- * cgroup_skb hook; 0 if it is neither IPv4 nor IPv6. Read straight from the
- * packet when its headers are linear, as they are for local TCP and UDP: the
- * cgroup_skb programs see every packet, and two bpf_skb_load_bytes calls per
- * packet cost more than all else they do for the TCP packets they let by. */
-static __always_inline u8 skb_l4_protocol(struct __sk_buff *skb, u8 *first)
+/* A destination from a cgroup hook or a sockaddr: IPv4, port in network order. */
+static __always_inline void fill_v4(struct ea_connect_event *ev, u8 protocol, u32 daddr, u16 dport_be)
+{
+    ev->protocol = protocol;
+    ev->family = EA_AF_INET;
+    ev->dport = ntohs(dport_be);
+    __builtin_memcpy(ev->daddr, &daddr, 4);
+}
+
+/* IPv6, with IPv4-mapped destinations keyed as the IPv4 they are on the wire. */
+static __always_inline void fill_v6(struct ea_connect_event *ev, u8 protocol, const u8 *daddr, u16 dport_be)
+{
+    ev->protocol = protocol;
+    ev->dport = ntohs(dport_be);
+    if (is_v4_mapped(daddr)) {
+        ev->family = EA_AF_INET;
+        __builtin_memcpy(ev->daddr, &daddr[12], 4);
+    } else {
+        ev->family = EA_AF_INET6;
+        __builtin_memcpy(ev->daddr, daddr, 16);
+    }
+}
+
+/* The destination of a cgroup sock_addr hook (connect4/6, sendmsg4/6). */
+static __always_inline void fill_sock_addr(struct ea_connect_event *ev, struct bpf_sock_addr *ctx, u8 protocol, int v6)
+{
+    if (v6) {
+        u32 words[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+        fill_v6(ev, protocol, (const u8 *)words, (u16)ctx->user_port);
+    } else {
+        fill_v4(ev, protocol, ctx->user_ip4, (u16)ctx->user_port);
+    }
+}
+
+/* What the cgroup_skb programs need of a packet's IP header. */
+struct ea_skb_head {
+    u32 l4;     /* offset of the L4 header (IPv6 extension headers are not followed) */
+    u16 sport;  /* L4 source port, host order: filled by the ingress program */
+    u8 proto;   /* L4 protocol */
+    u8 family;  /* EA_AF_INET or EA_AF_INET6 */
+};
+
+/* Read the IP header of a packet at a cgroup_skb hook; 0 if it is neither
+ * IPv4 nor IPv6. Read straight from the packet when its headers are linear,
+ * as they are for local TCP and UDP: these programs see every packet, and a
+ * bpf_skb_load_bytes call per packet costs more than all else they do for
+ * the TCP packets they let by. */
+static __always_inline int skb_head(struct __sk_buff *skb, struct ea_skb_head *head)
 {
     u8 *data = (u8 *)(long)skb->data;
     u8 *end = (u8 *)(long)skb->data_end;
-    u8 proto = 0;
+    u8 first = 0, proto = 0;
     if (data + 10 <= end) {
-        *first = data[0];
-        proto = (*first >> 4) == 4 ? data[9] : data[6];
+        first = data[0];
+        proto = (first >> 4) == 4 ? data[9] : data[6];
     } else {
-        if (bpf_skb_load_bytes(skb, 0, first, 1) != 0)
+        if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
             return 0;
-        bpf_skb_load_bytes(skb, (*first >> 4) == 4 ? 9 : 6, &proto, 1);
+        bpf_skb_load_bytes(skb, (first >> 4) == 4 ? 9 : 6, &proto, 1);
     }
-    return (*first >> 4) == 4 || (*first >> 4) == 6 ? proto : 0;
+    head->proto = proto;
+    if ((first >> 4) == 4) {
+        head->family = EA_AF_INET;
+        head->l4 = (first & 0x0f) * 4;
+        return 1;
+    }
+    if ((first >> 4) == 6) {
+        head->family = EA_AF_INET6;
+        head->l4 = 40;
+        return 1;
+    }
+    return 0;
 }
 
 /* The L4 source port (network order) at offset l4 of the packet; 0 if unreadable. */
@@ -111,17 +164,23 @@ static __always_inline void emit(void *ctx, struct ea_connect_event *ev)
 #endif
 }
 
-/* Who is connecting, from the current task: valid in process context only. */
-static __always_inline void fill_identity(struct ea_connect_event *ev)
+/* Who is connecting, from the current task: valid in process context only.
+ * The flow key holds the uid and the name; the rest is read only for the
+ * connects that leave for user space (fill_task). */
+static __always_inline void fill_key_identity(struct ea_connect_event *ev)
 {
-    u64 id = bpf_get_current_pid_tgid();
     u64 ids = bpf_get_current_uid_gid();
-    ev->pid = id >> 32;
-    ev->tid = (u32)id;
     ev->uid = (u32)ids;
     ev->gid = ids >> 32;
-    ev->cgroup_id = bpf_get_current_cgroup_id();
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+}
+
+static __always_inline void fill_task(struct ea_connect_event *ev)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    ev->pid = id >> 32;
+    ev->tid = (u32)id;
+    ev->cgroup_id = bpf_get_current_cgroup_id();
 #ifdef EA_CGROUP_FILTER
     if (bpf_get_current_ancestor_cgroup_id(EA_CGROUP_LEVEL) == EA_CGROUP_ID) {
         u8 inside = 1;
@@ -130,16 +189,27 @@ static __always_inline void fill_identity(struct ea_connect_event *ev)
 #endif
 }
 
+static __always_inline void fill_identity(struct ea_connect_event *ev)
+{
+    fill_key_identity(ev);
+    fill_task(ev);
+}
+
 /* Count the connect in its flow; only a flow's first connect (or any
- * connect while the map is full) crosses to user space. The identity in
- * `ev` is already filled in. */
-static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev)
+ * connect while the map is full) crosses to user space. The key identity
+ * in `ev` is filled in; with `task_later`, the rest is read from the current
+ * task only if the event is sent, else it is filled in already. */
+static __always_inline void count_flow_as(void *ctx, struct ea_connect_event *ev, int task_later)
 {
     struct ea_flow_key key = {};
     struct ea_flow_stats *known;
     u64 now = bpf_ktime_get_ns();
 
 #ifdef EA_CGROUP_FILTER
+    if (task_later) {
+        fill_task(ev); /* the filter needs the cgroup of every connect */
+        task_later = 0;
+    }
     if (!command_cgroups.lookup(&ev->cgroup_id))
         return;
 #endif
@@ -158,6 +228,8 @@ static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev)
         known->last_ns = now;
         return;
     }
+    if (task_later)
+        fill_task(ev);
     struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now};
     int err = flows.insert(&key, &fresh);
     if (err == 0) {
@@ -177,10 +249,17 @@ static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev)
     emit(ctx, ev);
 }
 
+/* Count a connect whose identity in `ev` is filled in (it may be another task's). */
+static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev)
+{
+    count_flow_as(ctx, ev, 0);
+}
+
+/* Count a connect made by the current task. */
 static __always_inline void record_connect(void *ctx, struct ea_connect_event *ev)
 {
-    fill_identity(ev);
-    count_flow(ctx, ev);
+    fill_key_identity(ev);
+    count_flow_as(ctx, ev, 1);
 }
 
 #ifndef EA_DNS_PORT

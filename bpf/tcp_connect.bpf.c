@@ -1,6 +1,7 @@
 /* New outbound TCP connections, counted per flow in the kernel.
  * Attach path chosen at compile time:
  *   EA_PATH_KPROBE      kprobes on tcp_v4_connect / tcp_v6_connect
+ *   EA_PATH_CGROUP      the cgroup connect4/6 hooks (cgroup_hooks.bpf.c)
  *   EA_PATH_TRACEPOINT  sock:inet_sock_set_state, CLOSE -> SYN_SENT
  * Output: EA_USE_RINGBUF selects the ring buffer, else a perf buffer.
  * Follows flow_map.bpf.c in one compile unit.
@@ -98,3 +99,19 @@ int trace_v6(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len
     return 0;
 }
 #endif /* EA_PATH_KPROBE */
+
+#ifdef EA_PATH_CGROUP
+/* Called by the connect4/6 programs at the cgroup v2 root: once per connect()
+ * of an unconnected socket, in the caller's context, before the route and the
+ * source address are chosen (the source stays unknown). One run per connect,
+ * where the tracepoint fires at every state change of both local ends. */
+static __always_inline void tcp_sock_addr(struct bpf_sock_addr *ctx, int v6)
+{
+    struct ea_connect_event ev = {};
+#ifdef EA_UDP_SYSCALLS
+    mark_tcp_connect();
+#endif
+    fill_sock_addr(&ev, ctx, IPPROTO_TCP, v6);
+    record_connect(ctx, &ev);
+}
+#endif /* EA_PATH_CGROUP */

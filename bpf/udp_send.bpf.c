@@ -12,28 +12,6 @@
  * arguments and uapi structs in user memory. */
 
 
-static __always_inline void fill_v4(struct ea_connect_event *ev, u32 daddr, u16 dport_be)
-{
-    ev->protocol = IPPROTO_UDP;
-    ev->family = EA_AF_INET;
-    ev->dport = ntohs(dport_be);
-    __builtin_memcpy(ev->daddr, &daddr, 4);
-}
-
-/* IPv6, with IPv4-mapped destinations keyed as the IPv4 they are on the wire. */
-static __always_inline void fill_v6(struct ea_connect_event *ev, const u8 *daddr, u16 dport_be)
-{
-    ev->protocol = IPPROTO_UDP;
-    ev->dport = ntohs(dport_be);
-    if (is_v4_mapped(daddr)) {
-        ev->family = EA_AF_INET;
-        __builtin_memcpy(ev->daddr, &daddr[12], 4);
-    } else {
-        ev->family = EA_AF_INET6;
-        __builtin_memcpy(ev->daddr, daddr, 16);
-    }
-}
-
 #ifdef EA_UDP_CGROUP
 /* Connected UDP sockets that have not sent yet, by socket cookie. */
 BPF_TABLE("lru_hash", u64, struct ea_connect_event, udp_connected, 16384);
@@ -56,27 +34,21 @@ static __always_inline int is_reply(u64 cookie, struct ea_connect_event *ev)
     return udp_peers.lookup(&peer) != NULL;
 }
 
-/* Every program here returns 1: an auditor never refuses a connection. */
-static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, int v6, int is_connect)
+/* A connect or send seen at a sock_addr hook (cgroup_hooks.bpf.c calls this for
+ * connect4/6). UDP: sends count at once, connects once their first datagram
+ * leaves. TCP is looked at only to know who owns a DNS-over-TCP socket. */
+static __always_inline void udp_sock_addr(struct bpf_sock_addr *ctx, u32 protocol, int v6, int is_connect)
 {
     struct ea_connect_event ev = {};
-    u32 protocol = ctx->protocol;
     if (protocol != IPPROTO_UDP && protocol != IPPROTO_TCP)
-        return 1;
-    /* TCP flows come from the TCP program; TCP is looked at only to know
-     * who owns a DNS-over-TCP socket, so other TCP connects leave at once. */
+        return;
     if (protocol == IPPROTO_TCP && ntohs((u16)ctx->user_port) != EA_DNS_PORT)
-        return 1;
+        return;
 #ifndef EA_DNS
     if (protocol == IPPROTO_TCP)
-        return 1;
+        return;
 #endif
-    if (v6) {
-        u32 words[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
-        fill_v6(&ev, (const u8 *)words, (u16)ctx->user_port);
-    } else {
-        fill_v4(&ev, ctx->user_ip4, (u16)ctx->user_port);
-    }
+    fill_sock_addr(&ev, ctx, (u8)protocol, v6);
     if (protocol == IPPROTO_UDP) {
         u64 cookie = bpf_get_socket_cookie(ctx);
         if (is_connect) {
@@ -94,19 +66,26 @@ static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, int v6, int i
         remember_dns_owner(bpf_get_socket_cookie(ctx), &ev);
     }
 #endif
+}
+
+/* Every program returns 1: an auditor never refuses a connection. */
+int udp_sendmsg4(struct bpf_sock_addr *ctx)
+{
+    udp_sock_addr(ctx, ctx->protocol, 0, 0);
     return 1;
 }
 
-int udp_connect4(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 0, 1); }
-int udp_connect6(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 1, 1); }
-int udp_sendmsg4(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 0, 0); }
-int udp_sendmsg6(struct bpf_sock_addr *ctx) { return on_sock_addr(ctx, 1, 0); }
+int udp_sendmsg6(struct bpf_sock_addr *ctx)
+{
+    udp_sock_addr(ctx, ctx->protocol, 1, 0);
+    return 1;
+}
 
 /* The first datagram a connected UDP socket sends makes it a flow. */
 int udp_egress(struct __sk_buff *skb)
 {
-    u8 first = 0;
-    if (skb_l4_protocol(skb, &first) != IPPROTO_UDP)
+    struct ea_skb_head head = {};
+    if (!skb_head(skb, &head) || head.proto != IPPROTO_UDP)
         return 1;
     u64 cookie = bpf_get_socket_cookie(skb);
     struct ea_connect_event *pending = udp_connected.lookup(&cookie);
@@ -118,40 +97,27 @@ int udp_egress(struct __sk_buff *skb)
     return 1;
 }
 
-/* Remember who sent each UDP datagram that arrives (see is_reply). */
-int udp_ingress(struct __sk_buff *skb)
+/* Remember who sent a UDP datagram that arrived (see is_reply); called by
+ * the one ingress program in cgroup_hooks.bpf.c. */
+static __always_inline void udp_note_peer(struct __sk_buff *skb, struct ea_skb_head *head)
 {
-    u8 first = 0;
-    u32 l4;
-    struct ea_udp_peer peer = {};
-    if (skb_l4_protocol(skb, &first) != IPPROTO_UDP)
-        return 1;
-    if ((first >> 4) == 4) {
+    struct ea_udp_peer peer = {.family = head->family};
+    if (head->family == EA_AF_INET) {
         if (bpf_skb_load_bytes(skb, 12, peer.addr, 4) != 0)
-            return 1;
-        peer.family = EA_AF_INET;
-        l4 = (first & 0x0f) * 4;
-    } else if ((first >> 4) == 6) {
+            return;
+    } else {
         if (bpf_skb_load_bytes(skb, 8, peer.addr, 16) != 0)
-            return 1;
-        peer.family = EA_AF_INET6;
-        l4 = 40;
+            return;
         if (is_v4_mapped(peer.addr)) {
             peer.family = EA_AF_INET;
             __builtin_memcpy(peer.addr, &peer.addr[12], 4);
             __builtin_memset(&peer.addr[4], 0, 12);
         }
-    } else {
-        return 1;
     }
-    u16 sport_be = 0;
-    if (bpf_skb_load_bytes(skb, l4, &sport_be, 2) != 0)
-        return 1;
-    peer.port = ntohs(sport_be);
+    peer.port = head->sport;
     peer.cookie = bpf_get_socket_cookie(skb);
     u64 now = bpf_ktime_get_ns();
     udp_peers.update(&peer, &now);
-    return 1;
 }
 #endif /* EA_UDP_CGROUP */
 
@@ -165,12 +131,12 @@ static __always_inline int read_destination(struct ea_connect_event *ev, const v
     bpf_probe_read_user(&sin6, sizeof(struct sockaddr_in), uaddr);
     if (sin6.sin6_family == EA_AF_INET) {
         struct sockaddr_in *sin = (struct sockaddr_in *)&sin6;
-        fill_v4(ev, sin->sin_addr.s_addr, sin->sin_port);
+        fill_v4(ev, IPPROTO_UDP, sin->sin_addr.s_addr, sin->sin_port);
         return 1;
     }
     if (sin6.sin6_family == EA_AF_INET6 && len >= (int)sizeof(sin6)) {
         bpf_probe_read_user(&sin6, sizeof(sin6), uaddr);
-        fill_v6(ev, sin6.sin6_addr.s6_addr, sin6.sin6_port);
+        fill_v6(ev, IPPROTO_UDP, sin6.sin6_addr.s6_addr, sin6.sin6_port);
         return 1;
     }
     return 0;

@@ -169,6 +169,7 @@ def checks() -> list[Check]:
     privileged = has_bpf_privileges()
     root = tracefs()
     kprobes_ok, kprobes_detail = kprobes_usable()
+    cgroup_root = cgroup2_root()
     result = [
         Check(
             "root or CAP_BPF+CAP_PERFMON",
@@ -190,7 +191,11 @@ def checks() -> list[Check]:
         ),
         Check("tracefs", root is not None, str(root or "not mounted"), "mount -t tracefs tracefs /sys/kernel/tracing"),
         Check(
-            "kprobes", kprobes_ok, kprobes_detail, "none needed: the tracepoint path is used instead", required=False
+            "kprobes",
+            kprobes_ok,
+            kprobes_detail,
+            "none needed: TCP is seen at the cgroup connect hooks (or the tracepoint) instead",
+            required=False,
         ),
     ]
     for category, event in TRACEPOINTS:
@@ -201,16 +206,17 @@ def checks() -> list[Check]:
                 exists,
                 "present" if exists else "absent or tracefs not mounted",
                 "mount tracefs; the kernel needs CONFIG_TRACEPOINTS (4.16+)",
-                required=not kprobes_ok,
+                # Without kprobes or cgroup v2, TCP needs sock:inet_sock_set_state.
+                required=not kprobes_ok and cgroup_root is None,
             )
         )
-    cgroup_root = cgroup2_root()
     result.append(
         Check(
-            "cgroup v2 (UDP and DNS hooks)",
+            "cgroup v2 (TCP connect, UDP and DNS hooks)",
             cgroup_root is not None,
             str(cgroup_root or "not mounted"),
-            "mount -t cgroup2 none /sys/fs/cgroup/unified (UDP falls back to syscall tracepoints)",
+            "mount -t cgroup2 none /sys/fs/cgroup/unified (else TCP falls back to the tracepoint, UDP to "
+            "syscall tracepoints)",
             required=False,
         )
     )

@@ -36,7 +36,7 @@ from egress_auditor.process import Attributor, ProcessResolver
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
 SYNC_S = 1.0
-SYNC_SHARE = 0.02  # of the time, at most, spent folding kernel counts
+SYNC_SHARE = 0.005  # of the time, at most, spent folding kernel counts (CPU taken from the traced work)
 STATUS_S = 0.25  # the status reads kernel counters: as often as the live table redraws, no more
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
 KILL_AFTER_SIGNALS = 3  # stop requests the command may ignore before its cgroup is killed

@@ -1,6 +1,6 @@
 """The eBPF input: bpf/*.bpf.c through BCC, as one compiled object.
 
-TCP connects (kprobes or tracepoint), UDP destinations (cgroup sock_addr
+TCP connects (kprobes, cgroup connect hooks or tracepoint), UDP destinations (cgroup sock_addr
 hooks or syscall tracepoints) and DNS answers (cgroup_skb ingress). Repeats of
 a flow are counted in the kernel's flow map; only a flow's first connect
 arrives as an event. sync() folds the map's counts into the flow table and
@@ -54,9 +54,16 @@ def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
     return "\n".join(parts).encode()
 
 
+TCP_HOOKS = {
+    "kprobe": "kprobes tcp_v4_connect/tcp_v6_connect",
+    "cgroup": "TCP: cgroup connect4/6 hooks",
+    "tracepoint": "tracepoint sock:inet_sock_set_state",
+}
+
+
 @dataclass(frozen=True)
 class AttachPlan:
-    path: str  # "kprobe" or "tracepoint"
+    path: str  # where TCP connects are seen: a key of TCP_HOOKS
     buffer: str  # "ringbuf" or "perf"
     reason: str
     udp: str = "off"  # "cgroup", "syscalls" or "off"
@@ -64,10 +71,7 @@ class AttachPlan:
     cgroup_root: str | None = None  # where the cgroup programs attach
 
     def describe(self) -> str:
-        hook = (
-            "kprobes tcp_v4_connect/tcp_v6_connect" if self.path == "kprobe" else "tracepoint sock:inet_sock_set_state"
-        )
-        parts = [hook]
+        parts = [TCP_HOOKS[self.path] + (f" at {self.cgroup_root}" if self.path == "cgroup" else "")]
         if self.udp == "cgroup":
             parts.append(f"UDP: cgroup connect/sendmsg/egress hooks at {self.cgroup_root}")
         elif self.udp == "syscalls":
@@ -82,7 +86,19 @@ class AttachPlan:
             "tcp_connect.bpf.c",
             *(("udp_send.bpf.c",) if self.udp != "off" else ()),
             *(("dns.bpf.c",) if self.dns else ()),
+            *(("cgroup_hooks.bpf.c",) if self.cgroup_programs() else ()),
         )
+
+    def cgroup_programs(self) -> tuple[tuple[str, str, str], ...]:
+        """(function, program type, attach type) of each program to attach at the cgroup root."""
+        programs: list[tuple[str, str, str]] = []
+        if self.path == "cgroup" or self.udp == "cgroup":
+            programs += CONNECT_PROGRAMS
+        if self.udp == "cgroup":
+            programs += UDP_PROGRAMS
+        if self.udp == "cgroup" or self.dns:
+            programs.append(INGRESS_PROGRAM)
+        return tuple(programs)
 
     def cflags(self) -> list[str]:
         flags = [f"-DEA_PATH_{self.path.upper()}"]
@@ -119,12 +135,24 @@ def _plan_udp(udp: str, ring_ok: bool, cgroup_root: str | None) -> tuple[str, st
 
 def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "auto") -> AttachPlan:
     """Decide the attach paths and buffer from what the kernel offers."""
+    ring_ok = host.ringbuf_supported()
+    if buffer == "ringbuf" and not ring_ok:
+        raise AuditorError("-I ebpf:buffer:ringbuf: this kernel has no BPF ring buffer (5.8+); use perf or auto")
+    chosen = "ringbuf" if buffer == "ringbuf" or (buffer == "auto" and ring_ok) else "perf"
+    cgroup_root = host.cgroup2_root()
+    # The cgroup programs use helpers that came with the ring buffer (5.8).
+    cgroup_ok = cgroup_root is not None and chosen == "ringbuf"
+    why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
     kprobes_ok, kprobes_why = host.kprobes_usable()
     tracepoint_ok = host.tracepoint_exists("sock", "inet_sock_set_state")
     if probe == "kprobe":
         if not kprobes_ok:
-            raise AuditorError(f"-I ebpf:probe:kprobe: {kprobes_why}; use ebpf:probe:tracepoint or auto")
+            raise AuditorError(f"-I ebpf:probe:kprobe: {kprobes_why}; use ebpf:probe:cgroup, tracepoint or auto")
         path, reason = "kprobe", "asked for kprobes"
+    elif probe == "cgroup":
+        if not cgroup_ok:
+            raise AuditorError(f"-I ebpf:probe:cgroup: {why_not_cgroup}; use ebpf:probe:tracepoint or auto")
+        path, reason = "cgroup", "asked for the cgroup connect hooks"
     elif probe == "tracepoint":
         if not tracepoint_ok:
             raise AuditorError(
@@ -133,20 +161,17 @@ def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "auto") -
         path, reason = "tracepoint", "asked for the tracepoint"
     elif kprobes_ok:
         path, reason = "kprobe", "auto: the kernel has kprobes"
+    elif cgroup_ok:
+        path, reason = "cgroup", f"auto: {kprobes_why}"
     elif tracepoint_ok:
-        path, reason = "tracepoint", f"auto: {kprobes_why}"
+        path, reason = "tracepoint", f"auto: {kprobes_why}, and for the cgroup hooks {why_not_cgroup}"
     else:
         raise AuditorError(
-            f"no TCP connect hook: {kprobes_why}, and tracepoint sock:inet_sock_set_state "
-            "is missing (mount -t tracefs tracefs /sys/kernel/tracing)"
+            f"no TCP connect hook: {kprobes_why}, for the cgroup hooks {why_not_cgroup}, and tracepoint "
+            "sock:inet_sock_set_state is missing (mount -t tracefs tracefs /sys/kernel/tracing)"
         )
-    ring_ok = host.ringbuf_supported()
-    if buffer == "ringbuf" and not ring_ok:
-        raise AuditorError("-I ebpf:buffer:ringbuf: this kernel has no BPF ring buffer (5.8+); use perf or auto")
-    chosen = "ringbuf" if buffer == "ringbuf" or (buffer == "auto" and ring_ok) else "perf"
     if buffer == "auto" and not ring_ok:
         reason += "; no ring buffer before 5.8"
-    cgroup_root = host.cgroup2_root()
     udp_path, udp_why = _plan_udp(udp, chosen == "ringbuf", cgroup_root)
     dns_ok = cgroup_root is not None and chosen == "ringbuf"
     if dns == "on" and not dns_ok:
@@ -184,15 +209,16 @@ _U64 = struct.Struct("=Q")
 # bpf(2) commands and attach types used for cgroup programs (uapi/linux/bpf.h).
 _BPF_LINK_CREATE = 28
 _BPF_F_ALLOW_MULTI = 2
-CGROUP_PROGRAMS = (
-    ("udp_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
-    ("udp_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
+CONNECT_PROGRAMS = (
+    ("connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+    ("connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
+)
+UDP_PROGRAMS = (
     ("udp_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
     ("udp_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
     ("udp_egress", "CGROUP_SKB", "CGROUP_INET_EGRESS"),
-    ("udp_ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS"),
 )
-DNS_PROGRAM = ("dns_ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")
+INGRESS_PROGRAM = ("ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")
 
 
 class EbpfInput:
@@ -251,10 +277,7 @@ class EbpfInput:
             if self.plan.path == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
-            programs = [
-                *(CGROUP_PROGRAMS if self.plan.udp == "cgroup" else ()),
-                *((DNS_PROGRAM,) if self.plan.dns else ()),
-            ]
+            programs = self.plan.cgroup_programs()
             if programs:
                 self._attach_cgroup(programs)
             events = self.bpf["events"]
@@ -274,7 +297,7 @@ class EbpfInput:
         """Before open(): count only connects from this cgroup v2 and below it (trace -- CMD)."""
         self._command_cgroup = (cgroup_id, depth)
 
-    def _attach_cgroup(self, programs: list[tuple[str, str, str]]) -> None:
+    def _attach_cgroup(self, programs: tuple[tuple[str, str, str], ...]) -> None:
         """Attach at the cgroup v2 root through BPF links (5.7+), beside any
         programs already there; without links, with BPF_F_ALLOW_MULTI."""
         from bcc import BPF, BPFAttachType
@@ -494,9 +517,10 @@ PLUGIN = Plugin(
     options=(
         Option(
             "probe",
-            "attach path: auto picks kprobes when the kernel has them, else the tracepoint",
+            "TCP attach path: auto picks kprobes when the kernel has them, else the cgroup connect hooks "
+            "(cgroup v2 and ring buffer: one run per connect, source address unknown), else the tracepoint",
             "auto",
-            ("auto", "kprobe", "tracepoint"),
+            ("auto", "kprobe", "cgroup", "tracepoint"),
         ),
         Option(
             "buffer",

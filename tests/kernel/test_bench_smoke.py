@@ -44,6 +44,9 @@ def test_quick_run_writes_every_key_with_a_sane_value(tmp_path: Path) -> None:
     assert abs(results["rss_mb_100k_flows"]) < 1024
     assert results["details"]["rss_mb_100k_flows"]["flows_seen"] == cfg.rss_addrs * cfg.ports
     assert results["machine"]["cores"] >= 1 and results["machine"]["kernel"]
+    # Every traced round of each eBPF load saw every flow before its timed part, UDP ones included.
+    for key in ("connect_ratio_ebpf", "connect_ratio_ebpf_udp", "connect_ratio_ebpf_udp_connect"):
+        assert results["details"][key]["flows_announced_min"] == cfg.addrs * cfg.ports, key
 
     text = md_path.read_text()
     assert "kept as it was" in text, "another benchmark's section was lost"

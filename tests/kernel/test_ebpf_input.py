@@ -157,7 +157,7 @@ def test_connect_is_reported_with_process_and_destination(
     open_input: Callable[..., EbpfInput], net: Link, client: str, family: int, as_nobody: bool
 ) -> None:
     source = open_input(pages=ROOMY)
-    src, dst = (net.a4, net.b4) if family == 4 else (net.a6, net.b6)
+    dst = net.b4 if family == 4 else net.b6
     with http_server(net.b, HTTP_PORT):
         if client == "curl":
             pid = run_curl(net.a, url(dst, HTTP_PORT), as_nobody)
@@ -177,7 +177,8 @@ def test_connect_is_reported_with_process_and_destination(
     assert (event.pid, event.uid, event.gid, event.comm) == (pid, uid, NOBODY_GID if as_nobody else 0, comm)
     assert event.family is (Family.IPV4 if family == 4 else Family.IPV6)
     assert event.protocol is Protocol.TCP
-    assert event.src == ipaddress.ip_address(src)
+    # The default path here, the cgroup connect hook, runs before the source address is chosen.
+    assert (event.src, event.sport) == (None, 0)
     assert event.process.pid == pid and event.process.name == comm
     assert abs(event.time - time.time()) < 30
 
@@ -194,8 +195,41 @@ def test_ipv4_mapped_ipv6_connect_is_reported_as_ipv4(open_input: Callable[..., 
     ours = received.to(net.b4, HTTP_PORT)
     assert len(ours) == 1
     assert ours[0].family is Family.IPV4 and ours[0].pid == info["pid"]
-    assert ours[0].src == ipaddress.ip_address(net.a4)
     assert received.to(mapped) == []
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_tracepoint_path_reports_the_source_address(
+    open_input: Callable[..., EbpfInput], net: Link, family: int
+) -> None:
+    source = open_input(pages=ROOMY, probe="tracepoint")
+    assert source.plan is not None and source.plan.path == "tracepoint"
+    src, dst = (net.a4, net.b4) if family == 4 else (net.a6, net.b6)
+    with http_server(net.b, HTTP_PORT):
+        pid = run_curl(net.a, url(dst, HTTP_PORT))
+    received = Received()
+    assert poll_until(source, received, lambda: any(c.pid == pid for c in received.to(dst, HTTP_PORT)))
+    drain(source, received)
+    ours = received.to(dst, HTTP_PORT)
+    assert [(c.pid, c.comm, c.src) for c in ours] == [(pid, "curl", ipaddress.ip_address(src))]
+
+
+def test_a_tcp_connect_is_counted_once_on_each_path(open_input: Callable[..., EbpfInput], net: Link) -> None:
+    """The cgroup hook runs once per connect(); the tracepoint once per CLOSE->SYN_SENT: the same count."""
+    cgroup = open_input(pages=ROOMY, probe="cgroup")
+    tracepoint = open_input(pages=ROOMY, probe="tracepoint")
+    repeats = 7
+    with http_server(net.b, HTTP_PORT):
+        info = run_client(net.a, 6, net.b6, [HTTP_PORT], repeats=repeats)
+    assert info["connected"] == repeats
+    key = FlowKey(Protocol.TCP, Family.IPV6, ipaddress.ip_address(net.b6), HTTP_PORT, 0, info["comm"])
+    for source in (cgroup, tracepoint):
+        received = Received()
+        assert poll_until(source, received, lambda got=received: bool(got.to(net.b6, HTTP_PORT)))
+        drain(source, received)
+        received.sync(source)
+        assert [c.pid for c in received.to(net.b6, HTTP_PORT)] == [info["pid"]]
+        assert received.counts[key] == repeats
 
 
 def test_repeats_give_one_event_and_an_exact_kernel_count(open_input: Callable[..., EbpfInput], net: Link) -> None:
@@ -297,11 +331,20 @@ def test_perf_buffer_path_delivers_events(open_input: Callable[..., EbpfInput], 
     assert [c.pid for c in received.to(net.b6, HTTP_PORT)] == [pid6]
 
 
-def test_auto_plan_chooses_tracepoint_and_ring_buffer_without_kprobes() -> None:
+def test_auto_plan_chooses_the_cgroup_hooks_and_ring_buffer_without_kprobes() -> None:
     plan = plan_attach("auto", "auto")
-    assert (plan.path, plan.buffer) == ("tracepoint", "ringbuf")
+    assert (plan.path, plan.buffer) == ("cgroup", "ringbuf")
     assert "kprobes" in plan.reason
-    assert "tracepoint sock:inet_sock_set_state" in plan.describe()
+    assert plan.describe().startswith("TCP: cgroup connect4/6 hooks at /")
+
+
+def test_without_the_ring_buffer_auto_falls_back_to_the_tracepoint() -> None:
+    plan = plan_attach("auto", "perf")
+    assert (plan.path, plan.buffer, plan.udp) == ("tracepoint", "perf", "syscalls")
+    assert "no ring buffer" in plan.reason
+    with pytest.raises(AuditorError) as asked:
+        plan_attach("cgroup", "perf")
+    assert "ebpf:probe:cgroup" in str(asked.value) and "\n" not in str(asked.value)
 
 
 def test_asking_for_kprobes_fails_with_one_line(open_input: Callable[..., EbpfInput]) -> None:
