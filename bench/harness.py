@@ -81,10 +81,13 @@ def namespace() -> Iterator[Namespace]:
 
 
 @contextmanager
-def server(ns: Namespace, loadgen: Path, ports: int, lifetime_s: int) -> Iterator[subprocess.Popen[str]]:
-    """The accept-and-close server on PORT_BASE.. in ns; it exits by itself after lifetime_s."""
+def server(
+    ns: Namespace, loadgen: Path, ports: int, lifetime_s: int, udp: bool = False
+) -> Iterator[subprocess.Popen[str]]:
+    """The accept-and-close server (or, with udp, the datagram reader) on PORT_BASE.. in ns;
+    it exits by itself after lifetime_s."""
     proc = subprocess.Popen(
-        ns.cmd([str(loadgen), "server", str(PORT_BASE), str(ports), str(lifetime_s)]),
+        ns.cmd([str(loadgen), "udp-server" if udp else "server", str(PORT_BASE), str(ports), str(lifetime_s)]),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -126,9 +129,11 @@ def run_client(
     count: int = 0,
     seconds: float = 0,
     flows_out: Path | None = None,
+    kind: str = "client",
 ) -> ClientResult:
-    """One client run; with flows_out, the per-flow counts are read back too."""
-    argv = [str(loadgen), "client", str(addrs), str(PORT_BASE), str(ports), str(warmup), str(count)]
+    """One client run; with flows_out, the per-flow counts are read back too.
+    kind: "client" (TCP connects), "udp-sendto" or "udp-connect" (one datagram per flow in turn)."""
+    argv = [str(loadgen), kind, str(addrs), str(PORT_BASE), str(ports), str(warmup), str(count)]
     argv.append(f"{seconds:g}")
     if flows_out is not None:
         argv.append(str(flows_out))

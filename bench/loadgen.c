@@ -3,12 +3,18 @@
  *   loadgen server PORT_BASE N_PORTS LIFETIME_S
  *       listens on 0.0.0.0:PORT_BASE .. PORT_BASE+N_PORTS-1, accepts and
  *       closes with epoll; exits on SIGTERM/SIGINT or after LIFETIME_S.
+ *   loadgen udp-server PORT_BASE N_PORTS LIFETIME_S
+ *       the same for UDP: binds the ports and reads every datagram.
  *   loadgen client N_ADDRS PORT_BASE N_PORTS WARMUP COUNT SECONDS [FLOWS_OUT]
  *       connects and closes (SO_LINGER 0: no TIME_WAIT) one connection at a
  *       time, round-robin over N_ADDRS x N_PORTS flows; WARMUP connects are
  *       made untimed first, then COUNT connects (0: no limit) for at most
  *       SECONDS seconds (0: no limit). Prints one JSON object; FLOWS_OUT gets
  *       one line per flow: "address port attempts failures".
+ *   loadgen udp-sendto ... / loadgen udp-connect ...   (the client's arguments)
+ *       one datagram per flow in turn instead of a connection: sendto() on
+ *       one unconnected socket, or a new socket that connect()s, send()s and
+ *       closes (how a resolver or a metrics client sends).
  *
  * Flow f goes to address bench_addr(f / N_PORTS) and port PORT_BASE + f % N_PORTS;
  * every 127/8 address is local on a namespace's loopback.
@@ -88,10 +94,10 @@ static double parse_seconds(const char *text)
     return v;
 }
 
-static int run_server(int argc, char **argv)
+static int run_server(int argc, char **argv, int udp)
 {
     if (argc != 5) {
-        fprintf(stderr, "usage: loadgen server PORT_BASE N_PORTS LIFETIME_S\n");
+        fprintf(stderr, "usage: loadgen server|udp-server PORT_BASE N_PORTS LIFETIME_S\n");
         return 2;
     }
     int base = (int)parse_long(argv[2], 1, 65535, "port base");
@@ -107,12 +113,12 @@ static int run_server(int argc, char **argv)
         return 1;
     }
     for (int i = 0; i < n; i++) {
-        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        int fd = socket(AF_INET, (udp ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         int one = 1;
         struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)(base + i))};
         sin.sin_addr.s_addr = htonl(INADDR_ANY);
         if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
-            bind(fd, (struct sockaddr *)&sin, sizeof(sin)) || listen(fd, 65535)) {
+            bind(fd, (struct sockaddr *)&sin, sizeof(sin)) || (!udp && listen(fd, 65535))) {
             fprintf(stderr, "loadgen: listen on port %d: %s\n", base + i, strerror(errno));
             return 1;
         }
@@ -134,12 +140,18 @@ static int run_server(int argc, char **argv)
     while (!stopping && now_s() < deadline) {
         int ready = epoll_wait(ep, events, 64, 200);
         for (int i = 0; i < ready; i++) {
-            /* Drain the queue: each accepted socket is closed at once. */
+            /* Drain the queue: each accepted socket is closed at once, each datagram read. */
             for (;;) {
-                int c = accept4(events[i].data.fd, NULL, NULL, SOCK_CLOEXEC);
-                if (c < 0)
-                    break;
-                close(c);
+                char byte;
+                if (udp) {
+                    if (recv(events[i].data.fd, &byte, 1, 0) < 0)
+                        break;
+                } else {
+                    int c = accept4(events[i].data.fd, NULL, NULL, SOCK_CLOEXEC);
+                    if (c < 0)
+                        break;
+                    close(c);
+                }
                 accepted++;
             }
         }
@@ -153,10 +165,36 @@ struct flow_count {
     uint32_t failures;
 };
 
-static int run_client(int argc, char **argv)
+enum client_kind { TCP_CONNECT, UDP_SENDTO, UDP_CONNECT };
+
+/* One connect, or one datagram, to sin; 0 or an errno. */
+static int one_flow(enum client_kind kind, int udp_fd, const struct sockaddr_in *sin)
+{
+    static const struct linger abort_close = {.l_onoff = 1, .l_linger = 0};
+    static const char byte = 'x';
+    int err = 0;
+    if (kind == UDP_SENDTO)
+        return sendto(udp_fd, &byte, 1, 0, (const struct sockaddr *)sin, sizeof(*sin)) == 1 ? 0 : errno;
+    int fd = socket(AF_INET, (kind == TCP_CONNECT ? SOCK_STREAM : SOCK_DGRAM) | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        fprintf(stderr, "loadgen: socket: %s\n", strerror(errno));
+        exit(1);
+    }
+    if (kind == TCP_CONNECT)
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
+    if (connect(fd, (const struct sockaddr *)sin, sizeof(*sin)) != 0)
+        err = errno;
+    else if (kind == UDP_CONNECT && send(fd, &byte, 1, 0) != 1)
+        err = errno;
+    close(fd);
+    return err;
+}
+
+static int run_client(int argc, char **argv, enum client_kind kind)
 {
     if (argc != 8 && argc != 9) {
-        fprintf(stderr, "usage: loadgen client N_ADDRS PORT_BASE N_PORTS WARMUP COUNT SECONDS [FLOWS_OUT]\n");
+        fprintf(stderr, "usage: loadgen client|udp-sendto|udp-connect N_ADDRS PORT_BASE N_PORTS WARMUP COUNT SECONDS "
+                        "[FLOWS_OUT]\n");
         return 2;
     }
     long n_addrs = parse_long(argv[2], 1, MAX_ADDRS, "address count");
@@ -184,7 +222,11 @@ static int run_client(int argc, char **argv)
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
 
-    struct linger abort_close = {.l_onoff = 1, .l_linger = 0};
+    int udp_fd = kind == UDP_SENDTO ? socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0) : -1;
+    if (kind == UDP_SENDTO && udp_fd < 0) {
+        perror("socket");
+        return 1;
+    }
     long flow = 0, made = 0, failures = 0, timed = 0;
     double started = 0, deadline = 0, cpu_started = 0;
     long total = warmup + count;
@@ -207,19 +249,13 @@ static int run_client(int argc, char **argv)
         struct sockaddr_in sin = {.sin_family = AF_INET};
         sin.sin_addr.s_addr = htonl(bench_addr((uint32_t)(flow / n_ports)));
         sin.sin_port = htons((uint16_t)(base + flow % n_ports));
-        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0) {
-            fprintf(stderr, "loadgen: socket: %s\n", strerror(errno));
-            return 1;
-        }
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
         flows[flow].attempts++;
-        if (connect(fd, (struct sockaddr *)&sin, sizeof(sin)) != 0) {
+        int err = one_flow(kind, udp_fd, &sin);
+        if (err) {
             flows[flow].failures++;
             failures++;
-            errors[errno < MAX_ERRNO ? errno : 0]++;
+            errors[err < MAX_ERRNO ? err : 0]++;
         }
-        close(fd);
         made++;
         if (!in_warmup)
             timed++;
@@ -255,6 +291,8 @@ static int run_client(int argc, char **argv)
         }
     }
     printf("}}\n");
+    if (udp_fd >= 0)
+        close(udp_fd);
     free(flows);
     return 0;
 }
@@ -262,9 +300,15 @@ static int run_client(int argc, char **argv)
 int main(int argc, char **argv)
 {
     if (argc >= 2 && strcmp(argv[1], "server") == 0)
-        return run_server(argc, argv);
+        return run_server(argc, argv, 0);
+    if (argc >= 2 && strcmp(argv[1], "udp-server") == 0)
+        return run_server(argc, argv, 1);
     if (argc >= 2 && strcmp(argv[1], "client") == 0)
-        return run_client(argc, argv);
-    fprintf(stderr, "usage: loadgen server|client ...\n");
+        return run_client(argc, argv, TCP_CONNECT);
+    if (argc >= 2 && strcmp(argv[1], "udp-sendto") == 0)
+        return run_client(argc, argv, UDP_SENDTO);
+    if (argc >= 2 && strcmp(argv[1], "udp-connect") == 0)
+        return run_client(argc, argv, UDP_CONNECT);
+    fprintf(stderr, "usage: loadgen server|udp-server|client|udp-sendto|udp-connect ...\n");
     return 2;
 }

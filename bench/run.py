@@ -49,6 +49,7 @@ PER_EVENT_RUNNING = "per-event reference is running"
 SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
 NETFILTER_INPUTS = ("nflog", "nfqueue")
 TCP_ONLY = ("-I", "ebpf:udp:off", "-I", "ebpf:dns:off")
+UDP_LOADS = ("udp-sendto", "udp-connect")  # a datagram per flow: sendto(), or connect()+send() on a new socket
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Config:
 
 FULL = Config(
     "full",
-    rounds=7,
+    rounds=11,
     other_rounds=5,
     round_seconds=3.0,
     addrs=100,
@@ -144,24 +145,27 @@ def ratio(
     ebpf: bool = False,
     conntrack: bool = False,
     rounds: int | None = None,
+    kind: str = "client",
 ) -> dict[str, Any]:
     """Alternating rounds (ABBA) with and without a tracer; per pair, traced rate / untraced rate.
     `auditor`: the tracer is egress-auditor (it announces flows and reports lost events on stderr);
     `ebpf`: its start-up time and memory count in those figures;
-    `conntrack`: its rules track connections, so each traced round starts from an empty table."""
+    `conntrack`: its rules track connections, so each traced round starts from an empty table;
+    `kind`: the load (TCP connects, or a UDP datagram per flow: see bench/loadgen.c)."""
     cfg = ctx.cfg
     flows = cfg.addrs * cfg.ports
     rates: dict[bool, list[float]] = {False: [], True: []}
     lost = 0
     crowded = 0  # rounds during which another process held BPF programs
     tracked: list[int] = []  # conntrack entries in the namespace after each traced round
+    announced: list[int] = []  # flows the auditor announced after the untimed pass, per traced round
 
     def one_round(traced: bool, index: int) -> float:
         nonlocal lost, crowded
         if not traced:
-            run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows)
+            run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows, kind=kind)
             crowded += other_tracers(set()) > 0
-            return run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds).rate
+            return run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds, kind=kind).rate
         if conntrack:
             wait_for_empty_conntrack(ctx.ns, cfg.conntrack_wait_s)
         tracer = make_tracer(index)
@@ -169,11 +173,11 @@ def ratio(
             if ebpf:
                 ctx.started(tracer)
             # An untimed pass makes every flow known first: the timed part is the steady state.
-            run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows)
+            run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows, kind=kind)
             if auditor:
-                wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
+                announced.append(len(wait_for_flows(tracer, set(), flows, cfg.catch_up_s)))
             crowded += other_tracers({tracer.pid}) > 0
-            rate = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds).rate
+            rate = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds, kind=kind).rate
             if conntrack:
                 tracked.append(conntrack_count(ctx.ns))
             stopped = tracer.stop()
@@ -210,6 +214,7 @@ def ratio(
         "events_lost": lost,
         "rounds_with_other_bpf_users": crowded,
         **({"conntrack_entries_max": max(tracked)} if tracked else {}),
+        **({"flows_announced_min": min(announced)} if announced else {}),
     }
 
 
@@ -325,7 +330,11 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     loadgen = build_loadgen()
     per_event = [sys.executable, str(BENCH_DIR / "per_event.py")]
-    with namespace() as ns, server(ns, loadgen, cfg.ports, lifetime_s=3600):
+    with (
+        namespace() as ns,
+        server(ns, loadgen, cfg.ports, lifetime_s=3600),
+        server(ns, loadgen, cfg.ports, lifetime_s=3600, udp=True),
+    ):
         ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [])
         log(f"connect ratio, auditor ({cfg.rounds} rounds each)")
         ebpf = ratio(ctx, lambda i: ctx.auditor_tracer(f"ratio-{i}"), auditor=True, ebpf=True)
@@ -337,6 +346,16 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             auditor=True,
             rounds=cfg.other_rounds,
         )
+        udp = {}
+        for kind in UDP_LOADS:
+            log(f"datagram ratio, auditor, load {kind}")
+            udp[kind] = ratio(
+                ctx,
+                lambda i, k=kind: ctx.auditor_tracer(f"{k}-{i}"),
+                auditor=True,
+                rounds=cfg.other_rounds,
+                kind=kind,
+            )
         log("connect ratio, per-event reference")
         reference = ratio(
             ctx,
@@ -381,10 +400,13 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "rss_mb_ready": round(ready.median, 1),
         "rss_mb_100k_flows": rss["growth_mb"],
         **{f"connect_ratio_{name}": figures["median"] for name, figures in netfilter.items()},
+        "connect_ratio_ebpf_udp": udp["udp-sendto"]["median"],
         "details": {
             "connect_ratio_ebpf": ebpf,
             "connect_ratio_per_event_reference": reference,
             "connect_ratio_ebpf_tcp_only": tcp_only,
+            "connect_ratio_ebpf_udp": udp["udp-sendto"],
+            "connect_ratio_ebpf_udp_connect": udp["udp-connect"],
             "conntrack_max": conntrack_max,
             "flows": flows,
             "startup_seconds": startup.as_dict(3),
