@@ -37,6 +37,8 @@ RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
 SYNC_S = 1.0
 SYNC_SHARE = 0.005  # of the time, at most, spent folding kernel counts (CPU taken from the traced work)
+SYNC_MAX_S = 10.0  # but no longer between syncs: counts shown stay this fresh
+
 STATUS_S = 0.25  # the status reads kernel counters: as often as the live table redraws, no more
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
 KILL_AFTER_SIGNALS = 3  # stop requests the command may ignore before its cgroup is killed
@@ -255,6 +257,8 @@ class TraceRun:
 
     def _loop(self) -> None:
         next_sync = time.monotonic() + SYNC_S
+        synced_at = time.monotonic()
+        lost_at_sync = 0
         next_status = 0.0
         while self._stop_reason is None:
             now = time.time()
@@ -270,16 +274,21 @@ class TraceRun:
             self._poll(POLL_S / max(1, len(self.inputs)))
             if time.monotonic() >= next_sync:
                 began = time.monotonic()
+                lost_at_sync = self.stats().events_lost
                 self._sync()
                 # Reading a large kernel map costs, and the CPU it takes is taken from the work being
-                # watched: never spend more than SYNC_SHARE of the time on it.
+                # watched: never spend more than SYNC_SHARE of the time on it, nor wait over SYNC_MAX_S.
                 cost = time.monotonic() - began
-                next_sync = time.monotonic() + max(SYNC_S, cost / SYNC_SHARE)
+                synced_at = time.monotonic()
+                next_sync = synced_at + min(SYNC_MAX_S, max(SYNC_S, cost / SYNC_SHARE))
             if self.count is not None and self._connects() >= self.count:
                 self._end_command("count")
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + STATUS_S
                 self.display.refresh(self.status(time.time()))
+                # Flows whose first event was lost exist only in the kernel map until a sync: go soon.
+                if self.stats().events_lost > lost_at_sync:
+                    next_sync = min(next_sync, synced_at + SYNC_S)
 
     def _end_command(self, reason: str) -> bool:
         """--duration or --count reached: stop now, or first ask the command to end (True: stop now)."""
