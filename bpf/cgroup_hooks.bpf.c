@@ -1,6 +1,6 @@
 /* The programs attached at the cgroup v2 root, one per hook: each serves
  * every feature compiled in (TCP connects on EA_PATH_CGROUP, UDP on
- * EA_UDP_CGROUP, DNS answers on EA_DNS), because every program attached to a
+ * EA_UDP_CGROUP), because every program attached to a
  * hook runs for every connect or packet of the host. Follows the pieces whose
  * helpers it calls. All return 1: an auditor never refuses traffic. */
 
@@ -22,29 +22,17 @@ int connect4(struct bpf_sock_addr *ctx) { return on_connect(ctx, 0); }
 int connect6(struct bpf_sock_addr *ctx) { return on_connect(ctx, 1); }
 #endif
 
-#if defined(EA_UDP_CGROUP) || defined(EA_DNS)
-/* Every packet delivered to a local socket: UDP senders are remembered (so a
- * send back to them is a reply), answers from port 53 copied. */
+#ifdef EA_DNS
+/* Every packet delivered to a local socket: answers from port 53 are copied. */
 int ingress(struct __sk_buff *skb)
 {
     struct ea_skb_head head = {};
     if (!skb_head(skb, &head))
         return 1;
-#ifdef EA_DNS
     if (head.proto != IPPROTO_UDP && head.proto != IPPROTO_TCP)
         return 1;
-#else
-    if (head.proto != IPPROTO_UDP)
-        return 1;
-#endif
     head.sport = ntohs(skb_sport_be(skb, head.l4));
-#ifdef EA_UDP_CGROUP
-    if (head.proto == IPPROTO_UDP)
-        udp_note_peer(skb, &head);
-#endif
-#ifdef EA_DNS
     dns_copy_answer(skb, &head);
-#endif
     return 1;
 }
 #endif

@@ -7,7 +7,7 @@
 BPF_RINGBUF_OUTPUT(dns_events, EA_RINGBUF_PAGES);
 
 /* Copy a DNS answer (source port 53) to user space; called by the one
- * ingress program in cgroup_hooks.bpf.c for every UDP and TCP packet. */
+ * ingress program in cgroup_hooks.bpf.c for every UDP and TCP packet delivered. */
 static __always_inline void dns_copy_answer(struct __sk_buff *skb, struct ea_skb_head *head)
 {
     u32 l4 = head->l4;

@@ -3,7 +3,7 @@
  *   EA_UDP_CGROUP    cgroup hooks at the cgroup v2 root: sendmsg4/6 for
  *                    unconnected sends; connect4/6 remembers a connected
  *                    socket, and its first datagram out (cgroup_skb egress)
- *                    counts it. glibc connects UDP sockets it never sends on
+ *                    counts it; recvmsg4/6 remembers who wrote to a socket. glibc connects UDP sockets it never sends on
  *                    (to sort addresses, RFC 6724): those are not flows.
  *   EA_UDP_SYSCALLS  syscall tracepoints (kernels without those hooks):
  *                    sendto/sendmsg with an address, and connect() that
@@ -97,28 +97,27 @@ int udp_egress(struct __sk_buff *skb)
     return 1;
 }
 
-/* Remember who sent a UDP datagram that arrived (see is_reply); called by
- * the one ingress program in cgroup_hooks.bpf.c. */
-static __always_inline void udp_note_peer(struct __sk_buff *skb, struct ea_skb_head *head)
+/* The source of a datagram that a socket reads with its address (recvfrom,
+ * recvmsg with a name): a send back to it is a reply (see is_reply). These
+ * hooks run per read of a UDP socket; a cgroup_skb program would run for
+ * every packet of every socket, TCP included. */
+static __always_inline int note_peer(struct bpf_sock_addr *ctx, int v6)
 {
-    struct ea_udp_peer peer = {.family = head->family};
-    if (head->family == EA_AF_INET) {
-        if (bpf_skb_load_bytes(skb, 12, peer.addr, 4) != 0)
-            return;
-    } else {
-        if (bpf_skb_load_bytes(skb, 8, peer.addr, 16) != 0)
-            return;
-        if (is_v4_mapped(peer.addr)) {
-            peer.family = EA_AF_INET;
-            __builtin_memcpy(peer.addr, &peer.addr[12], 4);
-            __builtin_memset(&peer.addr[4], 0, 12);
-        }
+    struct ea_connect_event source = {};
+    fill_sock_addr(&source, ctx, IPPROTO_UDP, v6);
+    struct ea_udp_peer peer = {.port = source.dport, .family = source.family};
+    __builtin_memcpy(peer.addr, source.daddr, sizeof(peer.addr));
+    peer.cookie = bpf_get_socket_cookie(ctx);
+    /* A known peer stays: a lookup is cheaper than an update for every datagram. */
+    if (!udp_peers.lookup(&peer)) {
+        u64 now = bpf_ktime_get_ns();
+        udp_peers.update(&peer, &now);
     }
-    peer.port = head->sport;
-    peer.cookie = bpf_get_socket_cookie(skb);
-    u64 now = bpf_ktime_get_ns();
-    udp_peers.update(&peer, &now);
+    return 1;
 }
+
+int udp_recvmsg4(struct bpf_sock_addr *ctx) { return note_peer(ctx, 0); }
+int udp_recvmsg6(struct bpf_sock_addr *ctx) { return note_peer(ctx, 1); }
 #endif /* EA_UDP_CGROUP */
 
 #ifdef EA_UDP_SYSCALLS

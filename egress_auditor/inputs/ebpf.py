@@ -73,7 +73,7 @@ class AttachPlan:
     def describe(self) -> str:
         parts = [TCP_HOOKS[self.path] + (f" at {self.cgroup_root}" if self.path == "cgroup" else "")]
         if self.udp == "cgroup":
-            parts.append(f"UDP: cgroup connect/sendmsg/egress hooks at {self.cgroup_root}")
+            parts.append(f"UDP: cgroup connect/sendmsg/recvmsg/egress hooks at {self.cgroup_root}")
         elif self.udp == "syscalls":
             parts.append("UDP: syscall tracepoints connect/sendto/sendmsg")
         if self.dns:
@@ -96,7 +96,7 @@ class AttachPlan:
             programs += CONNECT_PROGRAMS
         if self.udp == "cgroup":
             programs += UDP_PROGRAMS
-        if self.udp == "cgroup" or self.dns:
+        if self.dns:
             programs.append(INGRESS_PROGRAM)
         return tuple(programs)
 
@@ -216,9 +216,11 @@ CONNECT_PROGRAMS = (
 UDP_PROGRAMS = (
     ("udp_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
     ("udp_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
+    ("udp_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG"),
+    ("udp_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
     ("udp_egress", "CGROUP_SKB", "CGROUP_INET_EGRESS"),
 )
-INGRESS_PROGRAM = ("ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")
+INGRESS_PROGRAM = ("ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")  # DNS answers
 
 
 class EbpfInput:

@@ -53,3 +53,21 @@ def test_quick_run_writes_every_key_with_a_sane_value(tmp_path: Path) -> None:
     assert text.count(report.SECTION_BEGIN) == 1 and text.count(report.SECTION_END) == 1
     for key in report.KEYS:
         assert f"`{key}`" in text
+
+
+def test_program_cost_names_each_program_and_writes_its_section(tmp_path: Path) -> None:
+    cost = bench_module("bench.program_cost")
+    md_path = tmp_path / "benchmarks.md"
+    md_path.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept as it was\n<!-- other:end -->\n")
+
+    data = cost.main(["--rounds", "1", "--markdown", str(md_path)])
+
+    names = {row["name"] for row in data["programs"]}
+    # Every connect runs the connect hook once; the packets run the egress and ingress programs.
+    assert {"connect4", "udp_egress", "ingress"} <= names, names
+    hook = next(row for row in data["programs"] if row["name"] == "connect4")
+    assert abs(hook["runs"] / data["connects"] - 1) < 0.05
+    assert all(ns > 0 for ns in data["connect_hook_ns"].values())
+    assert set(data["empty_hooks"]) == {"cgroup_skb ingress", "cgroup_skb egress", "connect4"}
+    text = md_path.read_text()
+    assert "kept as it was" in text and text.count(cost.SECTION_BEGIN) == 1 and "| connect4 |" in text

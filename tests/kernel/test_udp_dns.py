@@ -144,7 +144,12 @@ def test_an_ipv4_mapped_udp_destination_is_ipv4(net: Link, collector: Collector)
         assert len(found) == 1 and found[0].family.label == "IPv4"
 
 
-def test_a_udp_servers_replies_are_not_flows(net: Link, collector: Collector) -> None:
+@pytest.mark.parametrize("dns", ["auto", "off"], ids=["dns-on", "dns-off"])
+def test_a_udp_servers_replies_are_not_flows(net: Link, dns: str) -> None:
+    """Peers are learned where the server reads them (recvmsg hooks), with or without the DNS program."""
+    source = EbpfInput(PLUGIN.defaults() | {"dns": dns})
+    assert ("DNS answers" in source.open()) is (dns == "auto")
+    collector = Collector(source)
     server = net.b.popen([sys.executable, "-c", ECHO_SERVER, net.b4, str(ECHO_PORT)])
     try:
         ask = (
@@ -161,6 +166,7 @@ def test_a_udp_servers_replies_are_not_flows(net: Link, collector: Collector) ->
     finally:
         server.kill()
         server.wait()
+        source.close()
 
 
 def test_dns_names_from_dnsmasq_over_ipv4_and_ipv6(net: Link, collector: Collector) -> None:
@@ -309,6 +315,12 @@ def test_the_syscall_path_sees_udp_where_cgroup_hooks_are_not_used(net: Link) ->
         source.close()
 
 
+CGROUP_PROGRAM_NAMES = (
+    *("connect4", "connect6", "udp_sendmsg4", "udp_sendmsg6", "udp_recvmsg4", "udp_recvmsg6"),
+    *("udp_egress", "ingress"),
+)
+
+
 def attached_to_root() -> list[str]:
     """Programs attached to the cgroup v2 root, as bpftool lists them (ids dropped)."""
     root = str(host.cgroup2_root())
@@ -322,11 +334,11 @@ def test_no_cgroup_program_outlives_the_input() -> None:
     source = EbpfInput(PLUGIN.defaults())
     source.open()
     links = list(source._links)
-    # connect4/6 (TCP and UDP), sendmsg4/6 and egress (UDP), one ingress program (UDP peers and DNS).
-    assert len(links) == 6, "each cgroup hook through a BPF link"
+    # connect4/6 (TCP and UDP), sendmsg4/6, recvmsg4/6 and egress (UDP), ingress (DNS).
+    assert len(links) == len(CGROUP_PROGRAM_NAMES), "each cgroup hook through a BPF link"
     during = attached_to_root()
     assert len(during) == len(before) + len(links)
-    for name in ("connect4", "connect6", "udp_sendmsg4", "udp_sendmsg6", "udp_egress", "ingress"):
+    for name in CGROUP_PROGRAM_NAMES:
         assert any(line.split()[-1] == name for line in during), (name, during)
     source.close()
     for fd in links:
@@ -346,7 +358,7 @@ def test_a_killed_auditor_leaves_nothing_attached() -> None:
     proc = subprocess.Popen([sys.executable, "-c", opener], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
-        assert len(attached_to_root()) == len(before) + 6
+        assert len(attached_to_root()) == len(before) + len(CGROUP_PROGRAM_NAMES)
     finally:
         proc.kill()
         proc.wait()
