@@ -2,8 +2,10 @@
  * Paths, chosen at compile time:
  *   EA_UDP_CGROUP    cgroup hooks at the cgroup v2 root: sendmsg4/6 for
  *                    unconnected sends; connect4/6 remembers a connected
- *                    socket, and its first datagram out (cgroup_skb egress)
- *                    counts it; recvmsg4/6 remembers who wrote to a socket. glibc connects UDP sockets it never sends on
+ *                    socket, and its first send (sock:sock_send_length with
+ *                    EA_UDP_SEND_TP, else its first datagram at cgroup_skb
+ *                    egress) counts it; recvmsg4/6 remembers who wrote to a
+ *                    socket. glibc connects UDP sockets it never sends on
  *                    (to sort addresses, RFC 6724): those are not flows.
  *   EA_UDP_SYSCALLS  syscall tracepoints (kernels without those hooks):
  *                    sendto/sendmsg with an address, and connect() that
@@ -13,8 +15,20 @@
 
 
 #ifdef EA_UDP_CGROUP
-/* Connected UDP sockets that have not sent yet, by socket cookie. */
+/* Connected UDP sockets that have not sent yet: by the socket's address where
+ * the first send is seen at sock:sock_send_length (EA_UDP_SEND_TP: a raw
+ * tracepoint, whose argument is that address), else by socket cookie. */
 BPF_TABLE("lru_hash", u64, struct ea_connect_event, udp_connected, 16384);
+
+static __always_inline u64 pending_key(struct bpf_sock_addr *ctx)
+{
+#ifdef EA_UDP_SEND_TP
+    struct bpf_sock *sk = ctx->sk;
+    return (u64)sk; /* used as a number, never read through */
+#else
+    return bpf_get_socket_cookie(ctx);
+#endif
+}
 
 /* Peers that sent a datagram to a socket: a send back to them is a reply
  * (a resolver or NTP server answering), not a new destination. */
@@ -52,8 +66,9 @@ static __always_inline void udp_sock_addr(struct bpf_sock_addr *ctx, u32 protoco
     if (protocol == IPPROTO_UDP) {
         u64 cookie = bpf_get_socket_cookie(ctx);
         if (is_connect) {
+            u64 key = pending_key(ctx);
             fill_identity(&ev);
-            udp_connected.update(&cookie, &ev);
+            udp_connected.update(&key, &ev);
         } else if (!is_reply(cookie, &ev)) {
             fill_identity(&ev);
             count_flow(ctx, &ev);
@@ -81,6 +96,35 @@ int udp_sendmsg6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+#ifdef EA_UDP_SEND_TP
+/* The first send on a connected UDP socket makes it a flow. A raw tracepoint
+ * at the end of every sendmsg of every socket (6.3+): one lookup in a small
+ * map, where a cgroup_skb egress program would run for every packet,
+ * acknowledgements included. Only the socket's address and the result are
+ * read (the tracepoint's arguments), never the socket. */
+RAW_TRACEPOINT_PROBE(sock_send_length)
+{
+    u64 key = ctx->args[0];
+    int sent = (int)ctx->args[1];
+    if (sent <= 0)
+        return 0;
+    struct ea_connect_event *pending = udp_connected.lookup(&key);
+    if (!pending)
+        return 0;
+    struct ea_connect_event ev = *pending;
+    udp_connected.delete(&key);
+    count_flow(ctx, &ev);
+    return 0;
+}
+
+/* A closed socket's address is reused: its pending connect must go with it. */
+int udp_release(struct bpf_sock *sk)
+{
+    u64 key = (u64)sk;
+    udp_connected.delete(&key);
+    return 1;
+}
+#else
 /* The first datagram a connected UDP socket sends makes it a flow. */
 int udp_egress(struct __sk_buff *skb)
 {
@@ -96,6 +140,7 @@ int udp_egress(struct __sk_buff *skb)
     count_flow(skb, &ev);
     return 1;
 }
+#endif
 
 /* The source of a datagram that a socket reads with its address (recvfrom,
  * recvmsg with a name): a send back to it is a reply (see is_reply). These

@@ -69,11 +69,13 @@ class AttachPlan:
     udp: str = "off"  # "cgroup", "syscalls" or "off"
     dns: bool = False
     cgroup_root: str | None = None  # where the cgroup programs attach
+    udp_send_tp: bool = False  # cgroup UDP: first sends of connected sockets at sock:sock_send_length
 
     def describe(self) -> str:
         parts = [TCP_HOOKS[self.path] + (f" at {self.cgroup_root}" if self.path == "cgroup" else "")]
         if self.udp == "cgroup":
-            parts.append(f"UDP: cgroup connect/sendmsg/recvmsg/egress hooks at {self.cgroup_root}")
+            first_send = "release hooks and raw tracepoint sock_send_length" if self.udp_send_tp else "egress hooks"
+            parts.append(f"UDP: cgroup connect/sendmsg/recvmsg/{first_send} at {self.cgroup_root}")
         elif self.udp == "syscalls":
             parts.append("UDP: syscall tracepoints connect/sendto/sendmsg")
         if self.dns:
@@ -96,6 +98,7 @@ class AttachPlan:
             programs += CONNECT_PROGRAMS
         if self.udp == "cgroup":
             programs += UDP_PROGRAMS
+            programs.append(UDP_RELEASE_PROGRAM if self.udp_send_tp else UDP_EGRESS_PROGRAM)
         if self.dns:
             programs.append(INGRESS_PROGRAM)
         return tuple(programs)
@@ -108,6 +111,8 @@ class AttachPlan:
             flags.append(f"-DEA_UDP_{self.udp.upper()}")
         if self.dns:
             flags.append("-DEA_DNS")
+        if self.udp == "cgroup" and self.udp_send_tp:
+            flags.append("-DEA_UDP_SEND_TP")
         return flags
 
 
@@ -181,7 +186,11 @@ def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "auto") -
         reason += f"; {udp_why}" + (
             "" if use_dns or dns == "off" else "; no DNS names: needs cgroup v2 and ring buffer"
         )
-    return AttachPlan(path, chosen, reason, udp_path, use_dns, str(cgroup_root) if cgroup_root else None)
+    # Raw tracepoints need no tracefs, but its format file tells whether the kernel has this one.
+    send_tp = udp_path == "cgroup" and host.tracepoint_exists("sock", "sock_send_length")
+    return AttachPlan(
+        path, chosen, reason, udp_path, use_dns, str(cgroup_root) if cgroup_root else None, udp_send_tp=send_tp
+    )
 
 
 def to_address(family: int, raw: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -218,8 +227,12 @@ UDP_PROGRAMS = (
     ("udp_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
     ("udp_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG"),
     ("udp_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
-    ("udp_egress", "CGROUP_SKB", "CGROUP_INET_EGRESS"),
 )
+# How a connected UDP socket's first send is seen: a raw tracepoint on sock_send_length
+# (6.3+, attached by BCC at load) with a release hook that forgets closed sockets, else
+# a cgroup_skb egress program on every packet.
+UDP_RELEASE_PROGRAM = ("udp_release", "CGROUP_SOCK", "CGROUP_INET_SOCK_RELEASE")
+UDP_EGRESS_PROGRAM = ("udp_egress", "CGROUP_SKB", "CGROUP_INET_EGRESS")
 INGRESS_PROGRAM = ("ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")  # DNS answers
 
 
