@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -190,6 +191,18 @@ def other_tracers(own: set[int]) -> int:
         if "anon_inode:bpf-prog" in links:
             count += 1
     return count
+
+
+def programs_on_cgroup_root() -> int:
+    """Programs attached at the cgroup v2 root: one attached without a link outlives its process
+    (a crashed experiment) and runs on every connect or packet, unseen by other_tracers()."""
+    from egress_auditor import host
+
+    root = host.cgroup2_root()
+    if root is None or shutil.which("bpftool") is None:
+        return 0
+    out = subprocess.run(["bpftool", "cgroup", "show", str(root)], capture_output=True, text=True, check=False)
+    return sum(1 for line in out.stdout.splitlines()[1:] if line.strip())
 
 
 # -- tracers in the background -------------------------------------------------------

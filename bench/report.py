@@ -188,6 +188,7 @@ def markdown(results: dict[str, Any]) -> str:
         "the burst, their flows recovered from the kernel's flow map).",
         "- Start-up: every start of the eBPF auditor in the run; the median is the figure.",
         f"- Noise: in {noisy} of {rounds} rounds another process (a test, another tracer) held BPF programs, "
+        "or programs were attached at the cgroup root (untraced rounds), "
         "which may slow every connect: figures for the record come from a quiet machine. In a VM, how fast an "
         "idle vCPU wakes also moves loopback throughput (here a process that only wakes every millisecond "
         "raised it by 2.5%, a busy one at nice 19 cut it by 15%): read differences of a few per cent between "

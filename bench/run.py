@@ -36,6 +36,7 @@ from bench.harness import (
     cpu_seconds,
     namespace,
     other_tracers,
+    programs_on_cgroup_root,
     rule_counts,
     run_client,
     running,
@@ -164,7 +165,7 @@ def ratio(
         nonlocal lost, crowded
         if not traced:
             run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows, kind=kind)
-            crowded += other_tracers(set()) > 0
+            crowded += other_tracers(set()) > 0 or programs_on_cgroup_root() > 0
             return run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds, kind=kind).rate
         if conntrack:
             wait_for_empty_conntrack(ctx.ns, cfg.conntrack_wait_s)

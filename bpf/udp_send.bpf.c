@@ -117,11 +117,15 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
     return 0;
 }
 
-/* A closed socket's address is reused: its pending connect must go with it. */
+/* A closed socket's address is reused: its pending connect must go with it.
+ * Runs at every socket's close, TCP included: leave at once unless pending. */
 int udp_release(struct bpf_sock *sk)
 {
+    if (sk->protocol != IPPROTO_UDP)
+        return 1;
     u64 key = (u64)sk;
-    udp_connected.delete(&key);
+    if (udp_connected.lookup(&key))
+        udp_connected.delete(&key);
     return 1;
 }
 #else
