@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from bench.report import replace_section  # noqa: E402
 from egress_auditor.lineage import LineageTracer  # noqa: E402
 from egress_auditor.model import Connection, Process, Protocol  # noqa: E402
 from egress_auditor.plugins import select  # noqa: E402
@@ -265,14 +266,7 @@ def markdown(runs: list[dict]) -> str:
 
 def write_section(section: str, path: Path = DOCS) -> None:
     """Replace only the lineage section (between its markers); append it if absent."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    replace_section(path, BEGIN, END, section)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from bench.harness import (
     server,
     wait_for_flows,
 )
+from bench.report import replace_section
 from bench.run import AUDITOR_RUNNING, auditor_command
 
 SECTION_BEGIN = "<!-- programs:begin (bench/program_cost.py) -->"
@@ -158,16 +159,6 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        before, rest = text.split(SECTION_BEGIN, 1)
-        text = before + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25, help="alternating rounds per empty hook")
@@ -187,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hook[str(addrs * PORTS)] = statistics.fmean(r["ns"] / r["runs"] for r in runs) if runs else 0.0
         empty = hook_cost(ns, loadgen, args.rounds)
     data = {"connects": connects, "programs": rows, "connect_hook_ns": hook, "empty_hooks": empty}
-    write_section(markdown(data), args.markdown)
+    replace_section(args.markdown, SECTION_BEGIN, SECTION_END, markdown(data))
     print(markdown(data))
     return data
 

@@ -202,16 +202,23 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(results: dict[str, Any], path: Path) -> None:
-    """Replace this harness's section of the file (or add it first), keeping every other section."""
-    section = markdown(results)
+def replace_section(path: Path, begin: str, end: str, section: str, first: bool = False) -> None:
+    """Put `section` (from its `begin` marker to its `end` marker) in place of the old one in the
+    file, keeping every other benchmark's section; a new one goes first (after the title) or last."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        before, rest = text.split(SECTION_BEGIN, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
         text = before + section + ("\n" + after if after else "")
-    else:
+    elif first:
         head, _, body = text.partition("\n")
         text = head + "\n\n" + section + ("\n" + body.lstrip("\n") if body.strip() else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    """Replace this harness's section of the file (or add it first), keeping every other section."""
+    replace_section(path, SECTION_BEGIN, SECTION_END, markdown(results), first=True)

@@ -96,6 +96,17 @@ int udp_sendmsg6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+/* A connected socket's first send: its pending connect becomes a flow, once. */
+static __always_inline void count_pending(void *ctx, u64 key)
+{
+    struct ea_connect_event *pending = udp_connected.lookup(&key);
+    if (!pending)
+        return;
+    struct ea_connect_event ev = *pending;
+    udp_connected.delete(&key);
+    count_flow(ctx, &ev);
+}
+
 #ifdef EA_UDP_SEND_TP
 /* The first send on a connected UDP socket makes it a flow. A raw tracepoint
  * at the end of every sendmsg of every socket (6.3+): one lookup in a small
@@ -106,14 +117,8 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
 {
     u64 key = ctx->args[0];
     int sent = (int)ctx->args[1];
-    if (sent <= 0)
-        return 0;
-    struct ea_connect_event *pending = udp_connected.lookup(&key);
-    if (!pending)
-        return 0;
-    struct ea_connect_event ev = *pending;
-    udp_connected.delete(&key);
-    count_flow(ctx, &ev);
+    if (sent > 0)
+        count_pending(ctx, key);
     return 0;
 }
 
@@ -135,13 +140,7 @@ int udp_egress(struct __sk_buff *skb)
     struct ea_skb_head head = {};
     if (!skb_head(skb, &head) || head.proto != IPPROTO_UDP)
         return 1;
-    u64 cookie = bpf_get_socket_cookie(skb);
-    struct ea_connect_event *pending = udp_connected.lookup(&cookie);
-    if (!pending)
-        return 1;
-    struct ea_connect_event ev = *pending;
-    udp_connected.delete(&cookie);
-    count_flow(skb, &ev);
+    count_pending(skb, bpf_get_socket_cookie(skb));
     return 1;
 }
 #endif

@@ -159,8 +159,8 @@ class TraceRun:
             total.map_full += s.map_full
         return total
 
-    def status(self, now: float) -> dict[str, str]:
-        s = self.stats()
+    def status(self, now: float, s: InputStats | None = None) -> dict[str, str]:
+        s = self.stats() if s is None else s
         elapsed = now - self._started
         remaining = f"{max(0.0, self.duration - elapsed):.0f}s" if self.duration else "until ctrl-c"
         return {
@@ -285,9 +285,10 @@ class TraceRun:
                 self._end_command("count")
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + STATUS_S
-                self.display.refresh(self.status(time.time()))
+                stats = self.stats()
+                self.display.refresh(self.status(time.time(), stats))
                 # Flows whose first event was lost exist only in the kernel map until a sync: go soon.
-                if self.stats().events_lost > lost_at_sync:
+                if stats.events_lost > lost_at_sync:
                     next_sync = min(next_sync, synced_at + SYNC_S)
 
     def _end_command(self, reason: str) -> bool:
