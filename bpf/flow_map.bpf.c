@@ -195,15 +195,23 @@ static __always_inline void fill_identity(struct ea_connect_event *ev)
     fill_task(ev);
 }
 
+/* A repeat's time only tells user space which flows moved since its last
+ * sync (10 ms of margin): the coarse clock is exact enough and cheaper, but
+ * the kernel refuses it to tracing programs (kprobes, tracepoints). */
+static __always_inline u64 repeat_time(int coarse)
+{
+    return coarse ? bpf_ktime_get_coarse_ns() : bpf_ktime_get_ns();
+}
+
 /* Count the connect in its flow; only a flow's first connect (or any
  * connect while the map is full) crosses to user space. The key identity
  * in `ev` is filled in; with `task_later`, the rest is read from the current
- * task only if the event is sent, else it is filled in already. */
-static __always_inline void count_flow_as(void *ctx, struct ea_connect_event *ev, int task_later)
+ * task only if the event is sent, else it is filled in already. `coarse`:
+ * called from a cgroup program, which may read the coarse clock. */
+static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev, int task_later, int coarse)
 {
     struct ea_flow_key key = {};
     struct ea_flow_stats *known;
-    u64 now = bpf_ktime_get_ns();
 
 #ifdef EA_CGROUP_FILTER
     if (task_later) {
@@ -214,7 +222,6 @@ static __always_inline void count_flow_as(void *ctx, struct ea_connect_event *ev
         return;
 #endif
     count_stat(EA_STAT_CONNECTS);
-    ev->ts_ns = now;
     __builtin_memcpy(key.daddr, ev->daddr, sizeof(key.daddr));
     key.uid = ev->uid;
     key.dport = ev->dport;
@@ -225,9 +232,11 @@ static __always_inline void count_flow_as(void *ctx, struct ea_connect_event *ev
     known = flows.lookup(&key);
     if (known) {
         __sync_fetch_and_add(&known->count, 1);
-        known->last_ns = now;
+        known->last_ns = repeat_time(coarse);
         return;
     }
+    u64 now = bpf_ktime_get_ns();
+    ev->ts_ns = now;
     if (task_later)
         fill_task(ev);
     struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now};
@@ -250,16 +259,16 @@ static __always_inline void count_flow_as(void *ctx, struct ea_connect_event *ev
 }
 
 /* Count a connect whose identity in `ev` is filled in (it may be another task's). */
-static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev)
+static __always_inline void count_flow(void *ctx, struct ea_connect_event *ev, int coarse)
 {
-    count_flow_as(ctx, ev, 0);
+    count_flow_at(ctx, ev, 0, coarse);
 }
 
 /* Count a connect made by the current task. */
-static __always_inline void record_connect(void *ctx, struct ea_connect_event *ev)
+static __always_inline void record_connect(void *ctx, struct ea_connect_event *ev, int coarse)
 {
     fill_key_identity(ev);
-    count_flow_as(ctx, ev, 1);
+    count_flow_at(ctx, ev, 1, coarse);
 }
 
 #ifndef EA_DNS_PORT

@@ -48,7 +48,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     } else {
         return 0;
     }
-    record_connect(args, &ev);
+    record_connect(args, &ev, 0);
     return 0;
 }
 #endif /* EA_PATH_TRACEPOINT */
@@ -72,7 +72,7 @@ int trace_v4(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len
     ev.family = EA_AF_INET;
     ev.dport = ntohs(sin.sin_port);
     __builtin_memcpy(ev.daddr, &sin.sin_addr.s_addr, 4);
-    record_connect(ctx, &ev);
+    record_connect(ctx, &ev, 0);
     return 0;
 }
 
@@ -95,7 +95,7 @@ int trace_v6(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len
     ev.family = EA_AF_INET6;
     ev.dport = ntohs(sin6.sin6_port);
     __builtin_memcpy(ev.daddr, sin6.sin6_addr.s6_addr, 16);
-    record_connect(ctx, &ev);
+    record_connect(ctx, &ev, 0);
     return 0;
 }
 #endif /* EA_PATH_KPROBE */
@@ -112,6 +112,6 @@ static __always_inline void tcp_sock_addr(struct bpf_sock_addr *ctx, int v6)
     mark_tcp_connect();
 #endif
     fill_sock_addr(&ev, ctx, IPPROTO_TCP, v6);
-    record_connect(ctx, &ev);
+    record_connect(ctx, &ev, 1);
 }
 #endif /* EA_PATH_CGROUP */

@@ -19,6 +19,7 @@
  * the first send is seen at sock:sock_send_length (EA_UDP_SEND_TP: a raw
  * tracepoint, whose argument is that address), else by socket cookie. */
 BPF_TABLE("lru_hash", u64, struct ea_connect_event, udp_connected, 16384);
+#define EA_UDP_CONNECTED 1 /* sk_state of a connected UDP socket (TCP_ESTABLISHED) */
 
 static __always_inline u64 pending_key(struct bpf_sock_addr *ctx)
 {
@@ -65,13 +66,22 @@ static __always_inline void udp_sock_addr(struct bpf_sock_addr *ctx, u32 protoco
     fill_sock_addr(&ev, ctx, (u8)protocol, v6);
     if (protocol == IPPROTO_UDP) {
         u64 cookie = bpf_get_socket_cookie(ctx);
+#ifdef EA_UDP_SEND_TP
+        /* An unconnected socket sending to an address may sit where a closed
+         * socket's pending connect was left (the kernel reuses the memory):
+         * that entry is not this socket's. A connected socket keeps its own. */
+        if (!is_connect && ctx->sk->state != EA_UDP_CONNECTED) {
+            u64 stale = pending_key(ctx);
+            udp_connected.delete(&stale);
+        }
+#endif
         if (is_connect) {
             u64 key = pending_key(ctx);
             fill_identity(&ev);
             udp_connected.update(&key, &ev);
         } else if (!is_reply(cookie, &ev)) {
             fill_identity(&ev);
-            count_flow(ctx, &ev);
+            count_flow(ctx, &ev, 1);
         }
     }
 #ifdef EA_DNS
@@ -97,14 +107,14 @@ int udp_sendmsg6(struct bpf_sock_addr *ctx)
 }
 
 /* A connected socket's first send: its pending connect becomes a flow, once. */
-static __always_inline void count_pending(void *ctx, u64 key)
+static __always_inline void count_pending(void *ctx, u64 key, int coarse)
 {
     struct ea_connect_event *pending = udp_connected.lookup(&key);
     if (!pending)
         return;
     struct ea_connect_event ev = *pending;
     udp_connected.delete(&key);
-    count_flow(ctx, &ev);
+    count_flow(ctx, &ev, coarse);
 }
 
 #ifdef EA_UDP_SEND_TP
@@ -118,21 +128,10 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
     u64 key = ctx->args[0];
     int sent = (int)ctx->args[1];
     if (sent > 0)
-        count_pending(ctx, key);
+        count_pending(ctx, key, 0);
     return 0;
 }
 
-/* A closed socket's address is reused: its pending connect must go with it.
- * Runs at every socket's close, TCP included: leave at once unless pending. */
-int udp_release(struct bpf_sock *sk)
-{
-    if (sk->protocol != IPPROTO_UDP)
-        return 1;
-    u64 key = (u64)sk;
-    if (udp_connected.lookup(&key))
-        udp_connected.delete(&key);
-    return 1;
-}
 #else
 /* The first datagram a connected UDP socket sends makes it a flow. */
 int udp_egress(struct __sk_buff *skb)
@@ -140,7 +139,7 @@ int udp_egress(struct __sk_buff *skb)
     struct ea_skb_head head = {};
     if (!skb_head(skb, &head) || head.proto != IPPROTO_UDP)
         return 1;
-    count_pending(skb, bpf_get_socket_cookie(skb));
+    count_pending(skb, bpf_get_socket_cookie(skb), 1);
     return 1;
 }
 #endif
@@ -193,7 +192,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 {
     struct ea_connect_event ev = {};
     if (read_destination(&ev, args->addr, args->addr_len))
-        record_connect(args, &ev);
+        record_connect(args, &ev, 0);
     return 0;
 }
 
@@ -204,7 +203,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
     if (bpf_probe_read_user(&msg, sizeof(msg), args->msg) != 0)
         return 0;
     if (read_destination(&ev, msg.msg_name, msg.msg_namelen))
-        record_connect(args, &ev);
+        record_connect(args, &ev, 0);
     return 0;
 }
 
@@ -227,7 +226,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     /* A datagram connect returns 0 at once and never changes TCP state. */
     if (args->ret == 0 && !pending->is_tcp) {
         struct ea_connect_event ev = pending->ev;
-        record_connect(args, &ev);
+        record_connect(args, &ev, 0);
     }
     pending_connects.delete(&tid);
     return 0;

@@ -74,7 +74,7 @@ class AttachPlan:
     def describe(self) -> str:
         parts = [TCP_HOOKS[self.path] + (f" at {self.cgroup_root}" if self.path == "cgroup" else "")]
         if self.udp == "cgroup":
-            first_send = "release hooks and raw tracepoint sock_send_length" if self.udp_send_tp else "egress hooks"
+            first_send = "raw tracepoint sock_send_length" if self.udp_send_tp else "egress hooks"
             parts.append(f"UDP: cgroup connect/sendmsg/recvmsg/{first_send} at {self.cgroup_root}")
         elif self.udp == "syscalls":
             parts.append("UDP: syscall tracepoints connect/sendto/sendmsg")
@@ -98,7 +98,8 @@ class AttachPlan:
             programs += CONNECT_PROGRAMS
         if self.udp == "cgroup":
             programs += UDP_PROGRAMS
-            programs.append(UDP_RELEASE_PROGRAM if self.udp_send_tp else UDP_EGRESS_PROGRAM)
+            if not self.udp_send_tp:
+                programs.append(UDP_EGRESS_PROGRAM)
         if self.dns:
             programs.append(INGRESS_PROGRAM)
         return tuple(programs)
@@ -138,7 +139,7 @@ def _plan_udp(udp: str, ring_ok: bool, cgroup_root: str | None) -> tuple[str, st
     return "off", f"UDP not traced: {why_not_cgroup} and no syscall tracepoints"
 
 
-def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "auto") -> AttachPlan:
+def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") -> AttachPlan:
     """Decide the attach paths and buffer from what the kernel offers."""
     ring_ok = host.ringbuf_supported()
     if buffer == "ringbuf" and not ring_ok:
@@ -181,6 +182,7 @@ def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "auto") -
     dns_ok = cgroup_root is not None and chosen == "ringbuf"
     if dns == "on" and not dns_ok:
         raise AuditorError("-I ebpf:dns:on: DNS answers need cgroup v2 and the BPF ring buffer; use auto or off")
+    # auto: on where the kernel allows it, for callers that want names without failing
     use_dns = dns == "on" or (dns == "auto" and dns_ok)
     if udp_path != "cgroup" or dns != "auto" or not use_dns:
         reason += f"; {udp_why}" + (
@@ -229,9 +231,7 @@ UDP_PROGRAMS = (
     ("udp_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
 )
 # How a connected UDP socket's first send is seen: a raw tracepoint on sock_send_length
-# (6.3+, attached by BCC at load) with a release hook that forgets closed sockets, else
-# a cgroup_skb egress program on every packet.
-UDP_RELEASE_PROGRAM = ("udp_release", "CGROUP_SOCK", "CGROUP_INET_SOCK_RELEASE")
+# (6.3+, attached by BCC at load), else a cgroup_skb egress program on every packet.
 UDP_EGRESS_PROGRAM = ("udp_egress", "CGROUP_SKB", "CGROUP_INET_EGRESS")
 INGRESS_PROGRAM = ("ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")  # DNS answers
 
@@ -552,8 +552,9 @@ PLUGIN = Plugin(
         ),
         Option(
             "dns",
-            "names behind addresses from the DNS answers the host receives (cgroup v2 and ring buffer)",
-            "auto",
+            "names behind addresses from the DNS answers the host receives (cgroup v2 and ring buffer); "
+            "off by default: its program runs for every packet the host receives",
+            "off",
             ("auto", "on", "off"),
         ),
         Option(

@@ -112,7 +112,7 @@ def without_send_tracepoint(monkeypatch: pytest.MonkeyPatch) -> None:
 def collector(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
     if request.param == "egress":
         without_send_tracepoint(monkeypatch)
-    source = EbpfInput(PLUGIN.defaults())
+    source = EbpfInput(PLUGIN.defaults() | {"dns": "on"})
     described = source.open()
     assert "UDP: cgroup" in described and "DNS answers" in described, described
     assert ("sock_send_length" in described) is (request.param == "send-tracepoint"), described
@@ -167,6 +167,25 @@ def test_a_closed_silent_socket_leaves_nothing_for_the_next_one(net: Link, colle
     found = collector.to(net.b4, protocol=Protocol.UDP)
     assert [c.dport for c in found] == [7000], sorted({c.dport for c in found})[:10]
     assert collector.count(found[0]) == 200
+
+
+# A connected socket that first sends elsewhere with an explicit address, then to its peer.
+SENDTO_THEN_SEND = r"""
+import socket, sys
+host = sys.argv[1]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((host, 7101))
+s.sendto(b"a", (host, 7102))
+s.send(b"b")
+s.close()
+"""
+
+
+def test_a_connected_socket_keeps_its_peer_through_a_sendto_elsewhere(net: Link, collector: Collector) -> None:
+    """The send hook forgets pending connects only for unconnected sockets."""
+    net.a.run([sys.executable, "-c", SENDTO_THEN_SEND, net.b4])
+    collector.settle(lambda: len(collector.to(net.b4, 7101)) >= 1)
+    assert sorted(c.dport for c in collector.to(net.b4, protocol=Protocol.UDP)) == [7101, 7102]
 
 
 def test_an_ipv4_mapped_udp_destination_is_ipv4(net: Link, collector: Collector) -> None:
@@ -278,7 +297,7 @@ def test_a_hostile_dns_name_reaches_rules_and_terminal_escaped(net: Link) -> Non
 
     try:
         with hostile_dns(net.b, net.b4, net.b4, net.b6, labels), http_server(net.b, HTTP_PORT):
-            result = trace(["-O", "iptables:verbose:2"], connect)
+            result = trace(["-I", "ebpf:dns:on", "-O", "iptables:verbose:2"], connect)
         assert result.returncode == 0, result.stderr
         rule = [line for line in result.stdout.splitlines() if f"--dport {HTTP_PORT} " in line and net.b4 in line]
         assert len(rule) == 1
@@ -350,7 +369,7 @@ def test_the_syscall_path_sees_udp_where_cgroup_hooks_are_not_used(net: Link) ->
 
 CGROUP_PROGRAM_NAMES = (
     *("connect4", "connect6", "udp_sendmsg4", "udp_sendmsg6", "udp_recvmsg4", "udp_recvmsg6"),
-    *("udp_release", "ingress"),  # udp_egress instead of udp_release before 6.3
+    "ingress",  # and udp_egress before 6.3 (no sock_send_length tracepoint)
 )
 
 
@@ -364,7 +383,7 @@ def attached_to_root() -> list[str]:
 def test_no_cgroup_program_outlives_the_input() -> None:
     """Links detach on close: the root cgroup ends as it began."""
     before = attached_to_root()
-    source = EbpfInput(PLUGIN.defaults())
+    source = EbpfInput(PLUGIN.defaults() | {"dns": "on"})
     source.open()
     links = list(source._links)
     # connect4/6 (TCP and UDP), sendmsg4/6, recvmsg4/6 and egress (UDP), ingress (DNS).
@@ -385,7 +404,7 @@ def test_a_killed_auditor_leaves_nothing_attached() -> None:
     before = attached_to_root()
     opener = (
         "from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput\n"
-        "source = EbpfInput(PLUGIN.defaults()); source.open(); print('open', flush=True)\n"
+        "source = EbpfInput(PLUGIN.defaults() | {'dns': 'on'}); source.open(); print('open', flush=True)\n"
         "import time; time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", opener], stdout=subprocess.PIPE, text=True)
