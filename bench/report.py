@@ -114,6 +114,7 @@ def markdown(results: dict[str, Any]) -> str:
     details = results["details"]
     ratio = details["connect_ratio_ebpf"]
     tcp = details["connect_ratio_ebpf_tcp_only"]
+    names = details.get("connect_ratio_ebpf_dns_names")  # from runs since DNS names became opt-in
     conntrack_peak = max(
         (d.get("conntrack_entries_max", 0) for d in details.values() if isinstance(d, dict)), default=0
     )
@@ -167,12 +168,20 @@ def markdown(results: dict[str, Any]) -> str:
         )
         + ".",
         f"- Where the eBPF input's cost goes: tracing TCP only (`-I ebpf:udp:off -I ebpf:dns:off`) gives "
-        f"{_fmt(tcp['median'])} ({_spread(tcp)}) against {_fmt(ratio['median'])} with the defaults; the "
-        "difference is the UDP and DNS programs on the cgroup_skb hooks, which run for every packet of every "
-        "socket. In the kernel (`bpftool prog` run times with `kernel.bpf_stats_enabled`, see "
-        "docs/architecture.md), nearly all of the TCP part is the flow map lookup on the connect hook: about "
-        "250 ns per connect with the same key every time, about 520 ns over 10,000 flows in turn, whose map "
-        "entries are out of the CPU caches by the time they come round again.",
+        f"{_fmt(tcp['median'])} ({_spread(tcp)}) against {_fmt(ratio['median'])} with the defaults (the UDP "
+        "programs: hooks that run per connect, send or UDP read)"
+        + (
+            "; TCP only runs a subset of the defaults' programs, so its lower median here is this VM's noise"
+            if tcp["median"] < ratio["median"]
+            else ""
+        )
+        + (
+            f". With DNS names (`-I ebpf:dns:on`): {_fmt(names['median'])} ({_spread(names)}); their ingress "
+            "program runs for every packet of every socket, which is why names are off by default"
+            if names
+            else ""
+        )
+        + ". Per program, in the kernel: the section of bench/program_cost.py below.",
         f"- nflog and nfqueue: their rules match `--state NEW`, so the namespace tracks every connection; "
         f"each traced round starts from an empty table (a reset connection stays 10 s). At the end of a round "
         f"the table held up to {conntrack_peak:,} entries of {details.get('conntrack_max', 0):,}: a load like "

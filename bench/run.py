@@ -50,6 +50,7 @@ PER_EVENT_RUNNING = "per-event reference is running"
 SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
 NETFILTER_INPUTS = ("nflog", "nfqueue")
 TCP_ONLY = ("-I", "ebpf:udp:off", "-I", "ebpf:dns:off")
+DNS_NAMES = ("-I", "ebpf:dns:on")  # opt-in: a program for every packet the host receives
 UDP_LOADS = ("udp-sendto", "udp-connect")  # a datagram per flow: sendto(), or connect()+send() on a new socket
 
 
@@ -347,6 +348,13 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             auditor=True,
             rounds=cfg.other_rounds,
         )
+        log("connect ratio, auditor with DNS names (-I ebpf:dns:on)")
+        dns_names = ratio(
+            ctx,
+            lambda i: ctx.auditor_tracer(f"dns-names-{i}", *DNS_NAMES),
+            auditor=True,
+            rounds=cfg.other_rounds,
+        )
         udp = {}
         for kind in UDP_LOADS:
             log(f"datagram ratio, auditor, load {kind}")
@@ -406,6 +414,7 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             "connect_ratio_ebpf": ebpf,
             "connect_ratio_per_event_reference": reference,
             "connect_ratio_ebpf_tcp_only": tcp_only,
+            "connect_ratio_ebpf_dns_names": dns_names,
             "connect_ratio_ebpf_udp": udp["udp-sendto"],
             "connect_ratio_ebpf_udp_connect": udp["udp-connect"],
             "conntrack_max": conntrack_max,
