@@ -49,8 +49,12 @@ AUDITOR_RUNNING = "egress-auditor is running"
 PER_EVENT_RUNNING = "per-event reference is running"
 SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
 NETFILTER_INPUTS = ("nflog", "nfqueue")
-TCP_ONLY = ("-I", "ebpf:udp:off", "-I", "ebpf:dns:off")
-DNS_NAMES = ("-I", "ebpf:dns:on")  # opt-in: a program for every packet the host receives
+# Where the cost goes: the auditor without its UDP programs, and with DNS names (opt-in: their
+# program runs for every packet the host receives). Key in details -> (what, options).
+BREAKDOWNS = {
+    "tcp_only": ("tracing TCP only", ("-I", "ebpf:udp:off", "-I", "ebpf:dns:off")),
+    "dns_names": ("with DNS names", ("-I", "ebpf:dns:on")),
+}
 UDP_LOADS = ("udp-sendto", "udp-connect")  # a datagram per flow: sendto(), or connect()+send() on a new socket
 
 
@@ -340,21 +344,15 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [])
         log(f"connect ratio, auditor ({cfg.rounds} rounds each)")
         ebpf = ratio(ctx, lambda i: ctx.auditor_tracer(f"ratio-{i}"), auditor=True, ebpf=True)
-        # Where the cost goes: the same without the UDP and DNS programs (cgroup hooks on every packet).
-        log("connect ratio, auditor tracing TCP only (-I ebpf:udp:off -I ebpf:dns:off)")
-        tcp_only = ratio(
-            ctx,
-            lambda i: ctx.auditor_tracer(f"tcp-only-{i}", *TCP_ONLY),
-            auditor=True,
-            rounds=cfg.other_rounds,
-        )
-        log("connect ratio, auditor with DNS names (-I ebpf:dns:on)")
-        dns_names = ratio(
-            ctx,
-            lambda i: ctx.auditor_tracer(f"dns-names-{i}", *DNS_NAMES),
-            auditor=True,
-            rounds=cfg.other_rounds,
-        )
+        breakdown = {}
+        for key, (what, options) in BREAKDOWNS.items():
+            log(f"connect ratio, auditor {what} ({' '.join(options)})")
+            breakdown[key] = ratio(
+                ctx,
+                lambda i, k=key, o=options: ctx.auditor_tracer(f"{k}-{i}", *o),
+                auditor=True,
+                rounds=cfg.other_rounds,
+            )
         udp = {}
         for kind in UDP_LOADS:
             log(f"datagram ratio, auditor, load {kind}")
@@ -413,8 +411,7 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "details": {
             "connect_ratio_ebpf": ebpf,
             "connect_ratio_per_event_reference": reference,
-            "connect_ratio_ebpf_tcp_only": tcp_only,
-            "connect_ratio_ebpf_dns_names": dns_names,
+            **{f"connect_ratio_ebpf_{key}": figures for key, figures in breakdown.items()},
             "connect_ratio_ebpf_udp": udp["udp-sendto"],
             "connect_ratio_ebpf_udp_connect": udp["udp-connect"],
             "conntrack_max": conntrack_max,
