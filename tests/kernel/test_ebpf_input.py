@@ -317,6 +317,57 @@ def test_full_flow_map_sends_connects_one_by_one_and_counts_stay_exact(
     assert source.stats().map_full >= len(outside)
 
 
+def kernel_counts(source: EbpfInput, address: str) -> dict[int, int]:
+    """Port -> count of the flow map's TCP entries to an IPv4 address, read from the kernel."""
+    packed = ipaddress.ip_address(address).packed
+    return {
+        int(key.dport): int(value.count)
+        for key, value in source.bpf["flows"].items()
+        if bytes(key.daddr)[:4] == packed and key.protocol == Protocol.TCP
+    }
+
+
+def staged_now(source: EbpfInput) -> int:
+    """Connects waiting in the per-CPU stages, not in the flow map yet."""
+    table = source.bpf["stage"]
+    return sum(int(cpu.n) for cpu in table[table.Key(0)])
+
+
+def test_a_burst_waits_in_a_stage_until_a_flush_counts_it(open_input: Callable[..., EbpfInput], net: Link) -> None:
+    """Connects close together on one CPU are counted 16 at a time; the rest of a batch
+    waits until user space flushes that CPU, and keeps who made each connect."""
+    source = open_input(pages=ROOMY)
+    # This kernel can run the flush on each CPU: a plan without batches would hide a broken stage.
+    assert "counted in batches" in source.stage_note, source.stage_note
+    ports, repeats = range(22000, 22005), 4  # 20 connects: a batch of 16 at most, then some left waiting
+    info = run_client(net.a, 4, net.b4, ports, repeats=repeats, cpu=0)
+    assert info["refused"] == len(ports) * repeats
+    before = kernel_counts(source, net.b4)
+    assert staged_now(source) > 0
+    assert sum(before.values()) < len(ports) * repeats, before
+    source.flush()
+    assert kernel_counts(source, net.b4) == dict.fromkeys(ports, repeats)
+    received = Received()
+    drain(source, received)
+    assert sorted(c.dport for c in received.to(net.b4)) == list(ports), "one event per flow"
+    assert {(c.pid, c.tid, c.uid) for c in received.to(net.b4)} == {(info["pid"], info["pid"], 0)}
+    received.sync(source)
+    key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), ports[0], 0, info["comm"])
+    assert received.counts[key] == repeats
+
+
+def test_a_lone_connect_is_counted_at_once(open_input: Callable[..., EbpfInput], net: Link) -> None:
+    """A connect with none before it on its CPU for a millisecond is in the flow map when
+    connect() returns, and its event in the ring buffer: nothing waits for a flush."""
+    source = open_input(pages=ROOMY)
+    run_client(net.a, 4, net.b4, [22100], cpu=0)
+    assert kernel_counts(source, net.b4) == {22100: 1}
+    received = Received()
+    source._flushed_at = float("inf")  # this poll must find the event without a flush
+    source.poll(0, received.events.append)
+    assert [c.dport for c in received.to(net.b4)] == [22100]
+
+
 def test_perf_buffer_path_delivers_events(open_input: Callable[..., EbpfInput], net: Link) -> None:
     source = open_input(buffer="perf", pages=ROOMY)
     assert source.plan is not None and source.plan.buffer == "perf"

@@ -34,6 +34,14 @@ time.sleep(float(sys.argv[3]))
 s.close()
 """
 
+# Connects in a burst, then stops the tracer at once (SIGINT): the end of the burst still waits in the kernel.
+BURST_CLIENT = r"""
+import os, signal, socket, sys
+for _ in range(int(sys.argv[3])):
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+os.kill(int(sys.argv[4]), signal.SIGINT)
+"""
+
 
 def tail(lines: Sequence[str], count: int = 40) -> str:
     return "\n".join(lines[-count:])
@@ -278,6 +286,20 @@ def test_signal_mid_run_still_prints_every_rule(
     assert f"ip6tables -I OUTPUT -d {net.b6}/128 -p tcp -m tcp --dport {SEEN_PORT} " in done.stdout
     assert done.stdout.endswith("\n")
     assert any(f"stopped ({signal.Signals(signum).name})" in line for line in done.stderr), done.log
+
+
+def test_a_burst_stopped_at_once_keeps_its_exact_count(start_tracer: Callable[..., Tracer], servers: Link) -> None:
+    """The last connects of a burst wait in a per-CPU stage; the stop flushes them into the rules."""
+    net = servers
+    tracer = start_tracer(["trace", "--duration", "60", "--no-live", "-O", "iptables:verbose:1"])
+    tracer.wait_running()
+    burst = 41  # two batches of 16 and 9 left waiting
+    net.a.run([sys.executable, "-c", BURST_CLIENT, net.b4, str(SEEN_PORT), str(burst), str(tracer.proc.pid)])
+    done = tracer.finish(timeout=15)
+
+    assert done.returncode == 0, done.log
+    assert any("stopped (SIGINT)" in line for line in done.stderr), done.log
+    assert f"# TCP to {net.b4} port {SEEN_PORT}: {burst} connection(s)" in done.stdout, done.stdout
 
 
 def test_count_stops_after_that_many_connections(start_tracer: Callable[..., Tracer], servers: Link) -> None:
