@@ -133,13 +133,17 @@ def run_on_cpu(prog_fd: int, cpu: int) -> int:
 
 
 def online_cpus() -> list[int]:
-    """CPUs online now, from /sys/devices/system/cpu/online ("0-3,6")."""
+    """CPUs online now, from /sys/devices/system/cpu/online."""
     try:
-        text = Path("/sys/devices/system/cpu/online").read_text().strip()
-    except OSError:
+        return parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text())
+    except (OSError, ValueError):
         return list(range(os.cpu_count() or 1))
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """The kernel's CPU list format: "0-3,6" -> [0, 1, 2, 3, 6]."""
     cpus: list[int] = []
-    for part in filter(None, text.split(",")):
+    for part in filter(None, text.strip().split(",")):
         first, _, last = part.partition("-")
         cpus.extend(range(int(first), int(last or first) + 1))
     return cpus

@@ -325,12 +325,14 @@ class EbpfInput:
         """Before the programs attach: let them stage connects if user space can flush every CPU."""
         from bcc import BPF
 
-        fn = self.bpf.load_func(b"flush_stage", BPF.RAW_TRACEPOINT)
         try:
+            fn = self.bpf.load_func(b"flush_stage", BPF.RAW_TRACEPOINT)
             for cpu in host.online_cpus():
                 host.run_on_cpu(fn.fd, cpu)
         except OSError as exc:  # BPF_F_TEST_RUN_ON_CPU came in 5.10
             return f"; connects counted one at a time (no flush on each CPU: {exc.strerror})"
+        except Exception as exc:  # BCC raises bare Exception when a program does not load
+            return f"; connects counted one at a time (flush program: {str(exc).splitlines()[0]})"
         table = self.bpf["stage"]
         one = table.sLeaf()
         one.enabled = 1

@@ -7,8 +7,10 @@ tests one by one)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 from netns import Link, Namespace, http_server
 
+from egress_auditor import host
 from egress_auditor.errors import AuditorError
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir, plan_attach, program_text
@@ -366,6 +369,24 @@ def test_a_lone_connect_is_counted_at_once(open_input: Callable[..., EbpfInput],
     source._flushed_at = float("inf")  # this poll must find the event without a flush
     source.poll(0, received.events.append)
     assert [c.dport for c in received.to(net.b4)] == [22100]
+
+
+def test_without_a_flush_on_each_cpu_every_connect_is_counted_at_once(
+    open_input: Callable[..., EbpfInput], net: Link, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel before 5.10 cannot run a program on a chosen CPU (faked here: the real
+    bpf(2) call is made to fail): staging stays off, and a burst needs no flush."""
+
+    def refused(_fd: int, _cpu: int) -> int:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(host, "run_on_cpu", refused)
+    source = open_input(pages=ROOMY)
+    assert "counted one at a time" in source.stage_note, source.stage_note
+    ports, repeats = range(22200, 22205), 4
+    run_client(net.a, 4, net.b4, ports, repeats=repeats, cpu=0)
+    assert staged_now(source) == 0
+    assert kernel_counts(source, net.b4) == dict.fromkeys(ports, repeats)
 
 
 def test_perf_buffer_path_delivers_events(open_input: Callable[..., EbpfInput], net: Link) -> None:
