@@ -287,15 +287,20 @@ static __always_inline int stage_connect(void *ctx, struct ea_connect_event *ev,
     struct ea_stage *st = stage.lookup(&zero);
     if (!st || !st->enabled || st->busy)
         return 0;
+    /* Claimed before anything is read: a flush that came in between would
+     * count slots this program then wrote over, and count them again. */
+    st->busy = 1;
+    asm volatile("" ::: "memory");
     u64 now = bpf_ktime_get_ns();
     u64 gap = now - st->last_ns;
     u32 n = st->n;
     st->last_ns = now;
     /* A lone connect's event leaves at once; only bursts wait for a batch. */
-    if ((n == 0 && gap > EA_STAGE_GAP_NS) || n >= EA_STAGE_SLOTS)
+    if ((n == 0 && gap > EA_STAGE_GAP_NS) || n >= EA_STAGE_SLOTS) {
+        asm volatile("" ::: "memory");
+        st->busy = 0;
         return 0;
-    st->busy = 1;
-    asm volatile("" ::: "memory"); /* busy is set before the stage changes */
+    }
     if (task_later)
         fill_task(ev);
     ev->ts_ns = now;

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -357,6 +358,34 @@ def test_a_burst_waits_in_a_stage_until_a_flush_counts_it(open_input: Callable[.
     received.sync(source)
     key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), ports[0], 0, info["comm"])
     assert received.counts[key] == repeats
+
+
+def test_counts_stay_exact_while_flushes_interrupt_a_burst(open_input: Callable[..., EbpfInput], net: Link) -> None:
+    """Flushes sent to the client's CPU as fast as user space can (each one an interrupt
+    there) land in the middle of staging now and then: no connect is lost or counted twice."""
+    source = open_input(pages=ROOMY)
+    ports, repeats = range(22300, 22310), 1000
+    stop = threading.Event()
+    flushes = 0
+
+    def flush_from_another_cpu() -> None:
+        nonlocal flushes
+        os.sched_setaffinity(0, {host.online_cpus()[-1]})
+        while not stop.is_set():
+            source.flush()
+            flushes += 1
+
+    flusher = threading.Thread(target=flush_from_another_cpu)
+    flusher.start()
+    try:
+        info = run_client(net.a, 4, net.b4, ports, repeats=repeats, cpu=0)
+    finally:
+        stop.set()
+        flusher.join()
+    assert info["refused"] == len(ports) * repeats
+    assert flushes > 1000, flushes
+    source.flush()
+    assert kernel_counts(source, net.b4) == dict.fromkeys(ports, repeats)
 
 
 def test_a_lone_connect_is_counted_at_once(open_input: Callable[..., EbpfInput], net: Link) -> None:
