@@ -203,148 +203,11 @@ static __always_inline u64 repeat_time(int coarse)
     return coarse ? bpf_ktime_get_coarse_ns() : bpf_ktime_get_ns();
 }
 
-/* The flow map's key for an event's destination and identity. */
-static __always_inline void flow_key_of(struct ea_flow_key *key, const struct ea_connect_event *ev)
-{
-    __builtin_memcpy(key->daddr, ev->daddr, sizeof(key->daddr));
-    key->uid = ev->uid;
-    key->dport = ev->dport;
-    key->family = ev->family;
-    key->protocol = ev->protocol;
-    __builtin_memcpy(key->comm, ev->comm, sizeof(key->comm));
-}
-
-/* One more connect of a flow the map lacked at lookup: insert it and send
- * its event; `now` stamps the entry, `ev` is filled in. */
-static __always_inline void count_new(void *ctx, struct ea_flow_key *key, struct ea_connect_event *ev, u64 now)
-{
-    struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now};
-    if (flows.insert(key, &fresh) == 0) {
-        ev->flags = EA_EVENT_NEW_FLOW;
-        emit(ctx, ev);
-        return;
-    }
-    /* Another CPU (or an earlier connect of the same batch) inserted it first. */
-    struct ea_flow_stats *known = flows.lookup(key);
-    if (known) {
-        __sync_fetch_and_add(&known->count, 1);
-        known->last_ns = now;
-        return;
-    }
-    count_stat(EA_STAT_MAP_FULL);
-    ev->flags = EA_EVENT_MAP_FULL;
-    emit(ctx, ev);
-}
-
-#ifdef EA_STAGE
-/* Connects counted a batch at a time. On a busy host a flow's entry is out
- * of the CPU caches by the time it repeats (a miss costs ~300 ns in a VM);
- * looked up together, a batch's misses overlap instead of adding up. User
- * space drains a part batch at each poll (flush_stage, run on each CPU). */
-#define EA_STAGE_SLOTS 16
-#define EA_STAGE_GAP_NS 1000000ULL /* a connect this long after the last one on its CPU is counted at once */
-
-struct ea_staged {
-    struct ea_flow_key key;
-    struct ea_connect_event ev;
-};
-
-struct ea_stage {
-    u32 n;        /* connects waiting in slot[0..n) */
-    u32 busy;     /* a program on this CPU is using the stage: one that interrupts it counts at once */
-    u32 enabled;  /* set by user space once it can flush: until then every connect is counted at once */
-    u32 _pad;
-    u64 last_ns;  /* the last connect staged or counted on this CPU */
-    struct ea_staged slot[EA_STAGE_SLOTS];
-};
-BPF_PERCPU_ARRAY(stage, struct ea_stage, 1);
-
-/* Count the first n staged connects. The lookups run one after another but
- * depend on nothing before them, so the CPU overlaps their cache misses; a
- * loop, not unrolled, keeps clang's time at start-up down. */
-static __always_inline void drain_stage(void *ctx, struct ea_stage *st, u32 n, int coarse)
-{
-    u64 now = repeat_time(coarse);
-#pragma clang loop unroll(disable)
-    for (u32 i = 0; i < EA_STAGE_SLOTS; i++) {
-        if (i >= n)
-            break;
-        struct ea_staged *staged = &st->slot[i];
-        struct ea_flow_stats *known = flows.lookup(&staged->key);
-        if (known) {
-            __sync_fetch_and_add(&known->count, 1);
-            known->last_ns = now;
-        } else {
-            count_new(ctx, &staged->key, &staged->ev, bpf_ktime_get_ns());
-        }
-    }
-}
-
-/* Stage a connect of the current task (cgroup programs only); 0: count it at once. */
-static __always_inline int stage_connect(void *ctx, struct ea_connect_event *ev, struct ea_flow_key *key, int task_later)
-{
-    u32 zero = 0;
-    struct ea_stage *st = stage.lookup(&zero);
-    if (!st || !st->enabled || st->busy)
-        return 0;
-    /* Claimed before anything is read: a flush that came in between would
-     * count slots this program then wrote over, and count them again. */
-    st->busy = 1;
-    asm volatile("" ::: "memory");
-    u64 now = bpf_ktime_get_ns();
-    u64 gap = now - st->last_ns;
-    u32 n = st->n;
-    st->last_ns = now;
-    /* A lone connect's event leaves at once; only bursts wait for a batch. */
-    if ((n == 0 && gap > EA_STAGE_GAP_NS) || n >= EA_STAGE_SLOTS) {
-        asm volatile("" ::: "memory");
-        st->busy = 0;
-        return 0;
-    }
-    if (task_later)
-        fill_task(ev);
-    ev->ts_ns = now;
-    __builtin_memcpy(&st->slot[n].key, key, sizeof(*key));
-    __builtin_memcpy(&st->slot[n].ev, ev, sizeof(*ev));
-    n++;
-    if (n == EA_STAGE_SLOTS) {
-        drain_stage(ctx, st, n, 1);
-        n = 0;
-    }
-    st->n = n;
-    asm volatile("" ::: "memory");
-    st->busy = 0;
-    return 1;
-}
-
-/* Run by user space on each CPU (BPF_PROG_TEST_RUN): count what waits on
- * this CPU's stage. Returns 1 if it interrupted a program using the stage. */
-int flush_stage(void *ctx)
-{
-    u32 zero = 0;
-    struct ea_stage *st = stage.lookup(&zero);
-    if (!st || st->n == 0)
-        return 0;
-    if (st->busy)
-        return 1;
-    u32 n = st->n;
-    if (n > EA_STAGE_SLOTS)
-        n = EA_STAGE_SLOTS;
-    st->busy = 1;
-    asm volatile("" ::: "memory");
-    drain_stage(ctx, st, n, 0);
-    st->n = 0;
-    asm volatile("" ::: "memory");
-    st->busy = 0;
-    return 0;
-}
-#endif
-
 /* Count the connect in its flow; only a flow's first connect (or any
  * connect while the map is full) crosses to user space. The key identity
  * in `ev` is filled in; with `task_later`, the rest is read from the current
  * task only if the event is sent, else it is filled in already. `coarse`:
- * called from a cgroup program, which may read the coarse clock (and stage). */
+ * called from a cgroup program, which may read the coarse clock. */
 static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev, int task_later, int coarse)
 {
     struct ea_flow_key key = {};
@@ -359,11 +222,13 @@ static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev
         return;
 #endif
     count_stat(EA_STAT_CONNECTS);
-    flow_key_of(&key, ev);
-#ifdef EA_STAGE
-    if (coarse && stage_connect(ctx, ev, &key, task_later))
-        return;
-#endif
+    __builtin_memcpy(key.daddr, ev->daddr, sizeof(key.daddr));
+    key.uid = ev->uid;
+    key.dport = ev->dport;
+    key.family = ev->family;
+    key.protocol = ev->protocol;
+    __builtin_memcpy(key.comm, ev->comm, sizeof(key.comm));
+
     known = flows.lookup(&key);
     if (known) {
         __sync_fetch_and_add(&known->count, 1);
@@ -374,7 +239,23 @@ static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev
     ev->ts_ns = now;
     if (task_later)
         fill_task(ev);
-    count_new(ctx, &key, ev, now);
+    struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now};
+    int err = flows.insert(&key, &fresh);
+    if (err == 0) {
+        ev->flags = EA_EVENT_NEW_FLOW;
+        emit(ctx, ev);
+        return;
+    }
+    /* Another CPU inserted the same flow first. */
+    known = flows.lookup(&key);
+    if (known) {
+        __sync_fetch_and_add(&known->count, 1);
+        known->last_ns = now;
+        return;
+    }
+    count_stat(EA_STAT_MAP_FULL);
+    ev->flags = EA_EVENT_MAP_FULL;
+    emit(ctx, ev);
 }
 
 /* Count a connect whose identity in `ev` is filled in (it may be another task's). */

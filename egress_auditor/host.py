@@ -14,7 +14,6 @@ import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -24,8 +23,6 @@ SYSCALL_TRACEPOINTS = (("enter", "sendto"), ("enter", "sendmsg"), ("enter", "con
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _BPF_MAP_CREATE = 0
 _BPF_MAP_TYPE_RINGBUF = 27
-_BPF_PROG_TEST_RUN = 10
-_BPF_F_TEST_RUN_ON_CPU = 1
 
 
 @dataclass(frozen=True)
@@ -109,44 +106,16 @@ def kprobes_usable() -> tuple[bool, str]:
 def bpf_syscall(command: int, fields: list[int]) -> int:
     """bpf(2) with a union bpf_attr whose leading u32 fields are `fields`;
     returns the result (a new fd for the commands used here) or raises OSError."""
-    return _bpf((ctypes.c_uint32 * 30)(*fields), command)  # zeroed past the fields set
-
-
-def _bpf(attr: Any, command: int) -> int:
     number = _SYS_BPF.get(platform.machine())
     if number is None:
         raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    attr = (ctypes.c_uint32 * 30)(*fields)  # zeroed past the fields set
     libc = ctypes.CDLL(None, use_errno=True)
     result = libc.syscall(number, command, ctypes.byref(attr), ctypes.sizeof(attr))
     if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
     return result
-
-
-def run_on_cpu(prog_fd: int, cpu: int) -> int:
-    """Run a raw tracepoint program once on one CPU (BPF_PROG_TEST_RUN, 5.10+); its return value."""
-    attr = (ctypes.c_uint32 * 30)()
-    attr[0], attr[16], attr[17] = prog_fd, _BPF_F_TEST_RUN_ON_CPU, cpu  # prog_fd, flags, cpu
-    _bpf(attr, _BPF_PROG_TEST_RUN)
-    return int(attr[1])  # retval
-
-
-def online_cpus() -> list[int]:
-    """CPUs online now, from /sys/devices/system/cpu/online."""
-    try:
-        return parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text())
-    except (OSError, ValueError):
-        return list(range(os.cpu_count() or 1))
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """The kernel's CPU list format: "0-3,6" -> [0, 1, 2, 3, 6]."""
-    cpus: list[int] = []
-    for part in filter(None, text.strip().split(",")):
-        first, _, last = part.partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 def ringbuf_supported() -> bool:

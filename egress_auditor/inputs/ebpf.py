@@ -104,10 +104,6 @@ class AttachPlan:
             programs.append(INGRESS_PROGRAM)
         return tuple(programs)
 
-    def stages(self) -> bool:
-        """Whether the cgroup programs may count connects in batches (bpf/flow_map.bpf.c: EA_STAGE)."""
-        return self.buffer == "ringbuf" and (self.path == "cgroup" or self.udp == "cgroup")
-
     def cflags(self) -> list[str]:
         flags = [f"-DEA_PATH_{self.path.upper()}"]
         if self.buffer == "ringbuf":
@@ -116,8 +112,6 @@ class AttachPlan:
             flags.append(f"-DEA_UDP_{self.udp.upper()}")
         if self.dns:
             flags.append("-DEA_DNS")
-        if self.stages():
-            flags.append("-DEA_STAGE")
         if self.udp == "cgroup" and self.udp_send_tp:
             flags.append("-DEA_UDP_SEND_TP")
         return flags
@@ -219,8 +213,6 @@ def decode_comm(raw: bytes) -> str:
 
 RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be counted after its flow
 SYNC_BATCH = 4096  # kernel flows read per bpf(2) call: small buffers, kept between syncs
-STAGE_FLUSH_S = 0.1  # a part batch of staged connects waits no longer than this for a poll to count it
-STAGE_FLUSH_TRIES = 100  # flushes of a CPU found busy (a program using its stage), 1 ms apart, before giving up
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
 _U64 = struct.Struct("=Q")
 
@@ -268,9 +260,6 @@ class EbpfInput:
         self._legacy_attached: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) without links
         self._cgroup_fd: int | None = None
         self._command_cgroup: tuple[int, int] | None = None  # (id, depth): see restrict_to_cgroup
-        self._flush_fd: int | None = None  # flush_stage, run on each CPU: connects staged are counted
-        self._flushed_at = 0.0
-        self.stage_note = ""
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this maps it to wall time.
         self._epoch_offset = time.time() - time.monotonic()
 
@@ -303,8 +292,6 @@ class EbpfInput:
             if self.plan.path == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
-            if self.plan.stages():
-                self.stage_note = self._open_stage()
             programs = self.plan.cgroup_programs()
             if programs:
                 self._attach_cgroup(programs)
@@ -319,41 +306,7 @@ class EbpfInput:
         except Exception as exc:  # BCC raises bare Exception for compile and attach failures
             self.close()
             raise AuditorError(f"could not load the BPF programs ({self.plan.describe()}): {exc}") from exc
-        return self.plan.describe() + self.stage_note + mounted
-
-    def _open_stage(self) -> str:
-        """Before the programs attach: let them stage connects if user space can flush every CPU."""
-        from bcc import BPF
-
-        try:
-            fn = self.bpf.load_func(b"flush_stage", BPF.RAW_TRACEPOINT)
-            for cpu in host.online_cpus():
-                host.run_on_cpu(fn.fd, cpu)
-        except OSError as exc:  # BPF_F_TEST_RUN_ON_CPU came in 5.10
-            return f"; connects counted one at a time (no flush on each CPU: {exc.strerror})"
-        except Exception as exc:  # BCC raises bare Exception when a program does not load
-            return f"; connects counted one at a time (flush program: {str(exc).splitlines()[0]})"
-        table = self.bpf["stage"]
-        one = table.sLeaf()
-        one.enabled = 1
-        table[table.Key(0)] = table.Leaf(*([one] * table.total_cpu))
-        self._flush_fd = fn.fd
-        return "; connects in bursts counted in batches"
-
-    def flush(self) -> None:
-        """Count the connects staged on every CPU (their new flows' events go to the ring buffer).
-        A CPU found in the middle of a program using its stage is tried again, 1 ms later."""
-        if self._flush_fd is None:
-            return
-        self._flushed_at = time.monotonic()
-        for cpu in host.online_cpus():
-            for _ in range(STAGE_FLUSH_TRIES):
-                try:
-                    if host.run_on_cpu(self._flush_fd, cpu) == 0:
-                        break
-                except OSError:  # the CPU went offline: nothing can run there
-                    break
-                time.sleep(0.001)
+        return self.plan.describe() + mounted
 
     def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
         """Before open(): count only connects from this cgroup v2 and below it (trace -- CMD)."""
@@ -432,8 +385,6 @@ class EbpfInput:
         if self.plan is None or self.bpf is None:
             return
         ms = max(0, int(timeout_s * 1000))
-        if time.monotonic() - self._flushed_at >= STAGE_FLUSH_S:
-            self.flush()
         if self.plan.buffer == "ringbuf":
             self.bpf.ring_buffer_poll(ms)
         else:
@@ -462,7 +413,6 @@ class EbpfInput:
         if self.bpf is None:
             return
         since = self._synced_ns
-        self.flush()  # what waits in a stage is counted before the counts are read
         lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
         recover, self._lost_seen = lost != self._lost_seen, lost
         cutoff = self._synced_ns = time.monotonic_ns()
@@ -556,7 +506,6 @@ class EbpfInput:
         return InputStats(connects=counters[0], events_lost=counters[1], map_full=counters[2])
 
     def close(self) -> None:
-        self._flush_fd = None  # closed with the BPF object
         for link in self._links:
             os.close(link)
         self._links = []

@@ -7,12 +7,9 @@ tests one by one)."""
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
-import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +18,6 @@ from typing import Any
 import pytest
 from netns import Link, Namespace, http_server
 
-from egress_auditor import host
 from egress_auditor.errors import AuditorError
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir, plan_attach, program_text
@@ -319,103 +315,6 @@ def test_full_flow_map_sends_connects_one_by_one_and_counts_stay_exact(
     outside = [c for c in received.events if c.dst == address and c.dport not in in_map]
     assert len(outside) == (flows - len(in_map)) * repeats
     assert source.stats().map_full >= len(outside)
-
-
-def kernel_counts(source: EbpfInput, address: str) -> dict[int, int]:
-    """Port -> count of the flow map's TCP entries to an IPv4 address, read from the kernel."""
-    packed = ipaddress.ip_address(address).packed
-    return {
-        int(key.dport): int(value.count)
-        for key, value in source.bpf["flows"].items()
-        if bytes(key.daddr)[:4] == packed and key.protocol == Protocol.TCP
-    }
-
-
-def staged_now(source: EbpfInput) -> int:
-    """Connects waiting in the per-CPU stages, not in the flow map yet."""
-    table = source.bpf["stage"]
-    return sum(int(cpu.n) for cpu in table[table.Key(0)])
-
-
-def test_a_burst_waits_in_a_stage_until_a_flush_counts_it(open_input: Callable[..., EbpfInput], net: Link) -> None:
-    """Connects close together on one CPU are counted 16 at a time; the rest of a batch
-    waits until user space flushes that CPU, and keeps who made each connect."""
-    source = open_input(pages=ROOMY)
-    # This kernel can run the flush on each CPU: a plan without batches would hide a broken stage.
-    assert "counted in batches" in source.stage_note, source.stage_note
-    ports, repeats = range(22000, 22005), 4  # 20 connects: a batch of 16 at most, then some left waiting
-    info = run_client(net.a, 4, net.b4, ports, repeats=repeats, cpu=0)
-    assert info["refused"] == len(ports) * repeats
-    before = kernel_counts(source, net.b4)
-    assert staged_now(source) > 0
-    assert sum(before.values()) < len(ports) * repeats, before
-    source.flush()
-    assert kernel_counts(source, net.b4) == dict.fromkeys(ports, repeats)
-    received = Received()
-    drain(source, received)
-    assert sorted(c.dport for c in received.to(net.b4)) == list(ports), "one event per flow"
-    assert {(c.pid, c.tid, c.uid) for c in received.to(net.b4)} == {(info["pid"], info["pid"], 0)}
-    received.sync(source)
-    key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), ports[0], 0, info["comm"])
-    assert received.counts[key] == repeats
-
-
-def test_counts_stay_exact_while_flushes_interrupt_a_burst(open_input: Callable[..., EbpfInput], net: Link) -> None:
-    """Flushes sent to the client's CPU as fast as user space can (each one an interrupt
-    there) land in the middle of staging now and then: no connect is lost or counted twice."""
-    source = open_input(pages=ROOMY)
-    ports, repeats = range(22300, 22310), 1000
-    stop = threading.Event()
-    flushes = 0
-
-    def flush_from_another_cpu() -> None:
-        nonlocal flushes
-        os.sched_setaffinity(0, {host.online_cpus()[-1]})
-        while not stop.is_set():
-            source.flush()
-            flushes += 1
-
-    flusher = threading.Thread(target=flush_from_another_cpu)
-    flusher.start()
-    try:
-        info = run_client(net.a, 4, net.b4, ports, repeats=repeats, cpu=0)
-    finally:
-        stop.set()
-        flusher.join()
-    assert info["refused"] == len(ports) * repeats
-    assert flushes > 1000, flushes
-    source.flush()
-    assert kernel_counts(source, net.b4) == dict.fromkeys(ports, repeats)
-
-
-def test_a_lone_connect_is_counted_at_once(open_input: Callable[..., EbpfInput], net: Link) -> None:
-    """A connect with none before it on its CPU for a millisecond is in the flow map when
-    connect() returns, and its event in the ring buffer: nothing waits for a flush."""
-    source = open_input(pages=ROOMY)
-    run_client(net.a, 4, net.b4, [22100], cpu=0)
-    assert kernel_counts(source, net.b4) == {22100: 1}
-    received = Received()
-    source._flushed_at = float("inf")  # this poll must find the event without a flush
-    source.poll(0, received.events.append)
-    assert [c.dport for c in received.to(net.b4)] == [22100]
-
-
-def test_without_a_flush_on_each_cpu_every_connect_is_counted_at_once(
-    open_input: Callable[..., EbpfInput], net: Link, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A kernel before 5.10 cannot run a program on a chosen CPU (faked here: the real
-    bpf(2) call is made to fail): staging stays off, and a burst needs no flush."""
-
-    def refused(_fd: int, _cpu: int) -> int:
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-
-    monkeypatch.setattr(host, "run_on_cpu", refused)
-    source = open_input(pages=ROOMY)
-    assert "counted one at a time" in source.stage_note, source.stage_note
-    ports, repeats = range(22200, 22205), 4
-    run_client(net.a, 4, net.b4, ports, repeats=repeats, cpu=0)
-    assert staged_now(source) == 0
-    assert kernel_counts(source, net.b4) == dict.fromkeys(ports, repeats)
 
 
 def test_perf_buffer_path_delivers_events(open_input: Callable[..., EbpfInput], net: Link) -> None:

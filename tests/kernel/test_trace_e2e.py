@@ -34,7 +34,7 @@ time.sleep(float(sys.argv[3]))
 s.close()
 """
 
-# Connects in a burst, then stops the tracer at once (SIGINT): the end of the burst still waits in the kernel.
+# Connects in a burst, then stops the tracer at once (SIGINT): the last connects are in the kernel map only.
 BURST_CLIENT = r"""
 import os, signal, socket, sys
 for _ in range(int(sys.argv[3])):
@@ -289,11 +289,11 @@ def test_signal_mid_run_still_prints_every_rule(
 
 
 def test_a_burst_stopped_at_once_keeps_its_exact_count(start_tracer: Callable[..., Tracer], servers: Link) -> None:
-    """The last connects of a burst wait in a per-CPU stage; the stop flushes them into the rules."""
+    """The last connects of a burst, made just before the stop, are read from the kernel into the rules."""
     net = servers
     tracer = start_tracer(["trace", "--duration", "60", "--no-live", "-O", "iptables:verbose:1"])
     tracer.wait_running()
-    burst = 41  # two batches of 16 and 9 left waiting
+    burst = 41
     net.a.run([sys.executable, "-c", BURST_CLIENT, net.b4, str(SEEN_PORT), str(burst), str(tracer.proc.pid)])
     done = tracer.finish(timeout=15)
 
