@@ -148,7 +148,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"- The connect hook over 100 flows in turn: {few:.0f} ns per run; over 10,000: {many:.0f} ns. The "
         "difference is the flow map lookup missing the CPU caches: an entry is touched again only after every "
-        "other flow's.",
+        "other flow's. The counters' clock reads wait for that miss; without them the CPU goes on with the "
+        "connect meanwhile, so these times overstate what a change to the program gains: judge it by the "
+        "connect ratio (docs/architecture.md, design log: batches tried and taken out).",
         "- An empty program on a hook, connect rate with it / without (alternating 1 s rounds, median): "
         + "; ".join(
             f"{hook} {d['median']:.3f} (IQR {d['q1']:.3f}-{d['q3']:.3f}, n={d['n']})"
