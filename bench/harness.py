@@ -11,10 +11,10 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,33 +49,15 @@ def build_loadgen(build_dir: Path = BUILD_DIR) -> Path:
 # -- network namespace ---------------------------------------------------------
 
 
-@dataclass
-class Namespace:
-    name: str
-
-    def cmd(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
-
-    def pids(self) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True, check=False)
-        return [int(p) for p in out.stdout.split()]
+# One namespace helper for the tests and the benchmarks (tests/netns.py).
+sys.path.insert(0, str(ROOT / "tests"))
+from netns import Namespace  # noqa: E402
+from netns import namespace as _test_namespace  # noqa: E402
 
 
-@contextmanager
-def namespace() -> Iterator[Namespace]:
+def namespace() -> AbstractContextManager[Namespace]:
     """A fresh namespace with loopback up, deleted afterwards with whatever still runs in it."""
-    ns = Namespace(f"ea-bench-{uuid.uuid4().hex[:8]}")
-    subprocess.run(["ip", "netns", "add", ns.name], check=True)
-    try:
-        subprocess.run(ns.cmd(["ip", "link", "set", "lo", "up"]), check=True)
-        yield ns
-    finally:
-        for pid in ns.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", ns.name], check=False)
+    return _test_namespace("bench")
 
 
 # -- load generator --------------------------------------------------------------
