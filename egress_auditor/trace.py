@@ -325,8 +325,8 @@ class TraceRun:
         except Exception as exc:
             print(f"egress-auditor: reading kernel counts failed: {exc}", file=self.stderr)
         ended = time.time()
-        status = self.status(ended)
-        stats = self.stats()
+        stats = self.stats()  # one read: the last status line and the summary give the same counts
+        status = self.status(ended, stats)
         self.display.refresh(status)
         self.display.stop()
         self._close_inputs()
