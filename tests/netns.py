@@ -77,8 +77,9 @@ def link(a: Namespace, b: Namespace) -> Link:
     second, n = 20 + index // 250, index % 250 + 1
     tag = uuid.uuid4().hex[:6]
     va, vb = f"ea{tag}a", f"ea{tag}b"
-    subprocess.run(["ip", "link", "add", va, "netns", a.name, "type", "veth", "peer", "name", vb,
-                    "netns", b.name], check=True)
+    subprocess.run(
+        ["ip", "link", "add", va, "netns", a.name, "type", "veth", "peer", "name", vb, "netns", b.name], check=True
+    )
     pair = Link(a, b, f"10.{second}.{n}.1", f"10.{second}.{n}.2", f"fd00:{second}:{n}::1", f"fd00:{second}:{n}::2")
     for ns, dev, v4, v6 in ((a, va, pair.a4, pair.a6), (b, vb, pair.b4, pair.b6)):
         ns.run(["ip", "addr", "add", f"{v4}/24", "dev", dev])
@@ -102,8 +103,7 @@ def wait_for_ping(ns: Namespace, address: str, timeout: float = 15.0) -> None:
 def wait_for_port(ns: Namespace, host: str, port: int, timeout: float = 30.0) -> None:
     """Wait until something listens on host:port inside ns."""
     deadline = time.monotonic() + timeout
-    probe = ("import socket,sys\n"
-             "s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1); s.close()")
+    probe = "import socket,sys\ns=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1); s.close()"
     while time.monotonic() < deadline:
         if ns.run(["python3", "-c", probe, host, str(port)], check=False).returncode == 0:
             return
@@ -114,8 +114,11 @@ def wait_for_port(ns: Namespace, host: str, port: int, timeout: float = 30.0) ->
 @contextmanager
 def http_server(ns: Namespace, port: int) -> Iterator[subprocess.Popen]:
     """A real HTTP server on every address of ns (IPv4 and IPv6)."""
-    proc = ns.popen(["python3", "-m", "http.server", "--bind", "::", str(port), "--directory", "/tmp"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = ns.popen(
+        ["python3", "-m", "http.server", "--bind", "::", str(port), "--directory", "/tmp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(ns, "::1", port)
         yield proc

@@ -71,3 +71,26 @@ def test_program_cost_names_each_program_and_writes_its_section(tmp_path: Path) 
     assert set(data["empty_hooks"]) == {"cgroup_skb ingress", "cgroup_skb egress", "connect4"}
     text = md_path.read_text()
     assert "kept as it was" in text and text.count(cost.SECTION_BEGIN) == 1 and "| connect4 |" in text
+
+
+def test_connect_variants_measures_each_build_against_no_program() -> None:
+    variants = bench_module("bench.connect_variants")
+    summary = variants.main(["same=-DEA_UNUSED_FLAG", "--flows", "100", "--rounds", "2", "--seconds", "0.3"])
+
+    assert list(summary) == ["off", "empty", "ours", "same"]
+    assert summary["off"]["ratio"]["median"] == 1.0
+    for state in ("empty", "ours", "same"):
+        ratio = summary[state]["ratio"]
+        assert ratio["n"] == 2 and 0 < ratio["median"] < 10, state
+
+
+def test_connect_variants_refuses_a_variant_named_like_a_fixed_state() -> None:
+    variants = bench_module("bench.connect_variants")
+    for text in ("off=-DX", "empty", "=-DX"):
+        try:
+            variants.parse_variant(text)
+        except SystemExit as exc:
+            assert text.partition("=")[0] in str(exc) or "bad variant" in str(exc)
+        else:
+            raise AssertionError(f"{text!r} was accepted")
+    assert variants.parse_variant("lines=-DA,-DB=2") == ("lines", ["-DA", "-DB=2"])

@@ -1,0 +1,150 @@
+"""What builds of the connect hook cost: `sudo .venv/bin/python bench/connect_variants.py [VARIANT ...]`.
+
+The connect4 program of the eBPF input, compiled from bpf/ (or --src) as the
+auditor compiles it, attached alone at the cgroup v2 root, against no program
+and an empty one: connect rate and the load generator's CPU per connect, the
+states alternating round by round in one session (this machine's noise is a
+few percent from second to second). A VARIANT is NAME=FLAG,FLAG,...: the same
+build with extra compiler flags (-DNAME for a scratch #ifdef in the source;
+-UEA_COUNT_LINES for the flow map alone). As the auditor's sync would, every
+flow gets a count line slot once the map is filled.
+The load is bench/run.py's: TCP connects over --flows flows in turn. Only the
+connect program runs: user space, the lineage and the other hooks are not
+loaded. Prints a table; writes nothing. Needs root."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import ROOT, Spread, build_loadgen, namespace, run_client, server
+
+PORTS = 100
+MAX_FLOWS = 65536  # the eBPF input's default
+EMPTY = b"int connect4(struct bpf_sock_addr *ctx) { return 1; }"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """NAME=FLAG,FLAG → (NAME, [FLAG, FLAG]); a bare NAME is the build as is."""
+    name, _, flags = text.partition("=")
+    if not name or name in ("off", "empty"):
+        raise SystemExit(f"connect_variants: bad variant {text!r} (NAME=FLAG,...; off and empty are taken)")
+    return name, [flag for flag in flags.split(",") if flag]
+
+
+def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
+    """The BPF object and its connect4 function, built as the auditor builds it by default, plus flags."""
+    from bcc import BPF, BPFAttachType
+
+    from egress_auditor.inputs.ebpf import count_lines, plan_attach, program_text
+
+    plan = plan_attach("auto", "auto")
+    if plan.path != "cgroup":
+        raise SystemExit(f"connect_variants: the auditor would not use the cgroup connect hook here ({plan.reason})")
+    cflags = [f"-I{src}", *plan.cflags()]
+    lines = count_lines("auto", MAX_FLOWS, plan.buffer)
+    if lines:
+        keys = (int.from_bytes(os.urandom(4), "little") for _ in range(12))  # as the auditor draws them
+        cflags += [f"-DEA_COUNT_LINES={lines}", *(f"-DEA_FP_K{i}={k:#x}U" for i, k in enumerate(keys))]
+    bpf = BPF(text=program_text(plan.pieces(), src), cflags=[*cflags, *flags])
+    return bpf, bpf.load_func(b"connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT)
+
+
+def claim_slots(bpf: Any) -> Any:
+    """As the auditor's sync does: a count line slot for each flow in the map (None without count lines)."""
+    from egress_auditor.inputs.count_lines import CountLines
+
+    try:
+        table = bpf["count_lines"]
+    except KeyError:  # built without count lines
+        return None
+    lines = CountLines(table.map_fd, len(table))
+    for key, value in bpf["flows"].items():
+        lines.claim(value.fp, value.fp2, bytes(key))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*", help="NAME=FLAG,FLAG: a build with extra compiler flags")
+    parser.add_argument("--src", type=Path, default=ROOT / "bpf", help="the BPF sources to build (default bpf/)")
+    parser.add_argument("--flows", type=int, default=10_000, help="distinct flows in turn, a multiple of 100")
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed client run per state and round")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("bench/connect_variants.py needs root (BPF programs, network namespaces)")
+    if args.flows < PORTS or args.flows % PORTS:
+        raise SystemExit(f"connect_variants: --flows must be a multiple of {PORTS}")
+    from bcc import BPF, BPFAttachType
+
+    from egress_auditor import host
+
+    root = host.cgroup2_root()
+    if root is None:
+        raise SystemExit("connect_variants: no cgroup v2 mount")
+    builds: dict[str, tuple[Any, Any]] = {}
+    empty = BPF(text=EMPTY)
+    kind = BPFAttachType.CGROUP_INET4_CONNECT
+    builds["empty"] = (empty, empty.load_func(b"connect4", BPF.CGROUP_SOCK_ADDR, attach_type=kind))
+    builds["ours"] = load(args.src, [])
+    for text in args.variants:
+        name, flags = parse_variant(text)
+        builds[name] = load(args.src, flags)
+    states = ["off", *builds]
+    addrs = args.flows // PORTS
+    loadgen = build_loadgen()
+    rate: dict[str, list[float]] = {state: [] for state in states}
+    cpu_ns: dict[str, list[float]] = {state: [] for state in states}
+    cgroup = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    mapped: list[Any] = []  # count lines mapped here, closed before their maps go
+    try:
+        with namespace() as ns, server(ns, loadgen, PORTS, lifetime_s=3600):
+            for bpf, fn in builds.values():  # fill each build's flow map once, then claim as sync would
+                BPF.attach_func(fn, cgroup, kind, 2)
+                try:
+                    run_client(ns, loadgen, addrs, PORTS, count=args.flows)
+                finally:
+                    BPF.detach_func(fn, cgroup, kind)
+                claimed = claim_slots(bpf)
+                if claimed is not None:
+                    mapped.append(claimed)
+            for n in range(args.rounds):
+                for state in states[n % len(states) :] + states[: n % len(states)]:  # each state leads in turn
+                    fn = builds[state][1] if state != "off" else None
+                    if fn is not None:
+                        BPF.attach_func(fn, cgroup, kind, 2)
+                    try:
+                        run_client(ns, loadgen, addrs, PORTS, count=min(args.flows, 5000))  # warm up
+                        result = run_client(ns, loadgen, addrs, PORTS, seconds=args.seconds)
+                    finally:
+                        if fn is not None:
+                            BPF.detach_func(fn, cgroup, kind)
+                    rate[state].append(result.rate)
+                    cpu_ns[state].append(result.cpu_seconds / result.timed_connects * 1e9)
+                print(f"round {n + 1}/{args.rounds}: " + ", ".join(f"{s} {rate[s][-1]:.0f}/s" for s in states))
+    finally:
+        os.close(cgroup)
+        for lines in mapped:
+            lines.close()
+        for bpf, _fn in builds.values():
+            bpf.cleanup()
+    summary: dict[str, Any] = {}
+    print(f"\n{'state':12s} {'rate / off (median, IQR)':28s} client CPU per connect - off (median)")
+    for state in states:
+        ratio = Spread.of([on / off for on, off in zip(rate[state], rate["off"], strict=True)])
+        extra = statistics.median(on - off for on, off in zip(cpu_ns[state], cpu_ns["off"], strict=True))
+        summary[state] = {"ratio": ratio.as_dict(), "cpu_ns_per_connect_extra": round(extra)}
+        print(f"{state:12s} {ratio.median:.3f} ({ratio.q1:.3f}-{ratio.q3:.3f}){'':12s} {extra:+.0f} ns")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
