@@ -29,6 +29,21 @@ struct ea_flow_stats {
     u64 count;
     u64 first_ns;  /* bpf_ktime_get_ns(), CLOCK_MONOTONIC */
     u64 last_ns;
+    u64 fp;        /* the key's fingerprint, two words (EA_COUNT_LINES), else 0 */
+    u64 fp2;
+};
+
+/* Count lines (flow_map.bpf.c): repeats of a flow that user space gave a
+ * slot, by fingerprint, are counted there. A line is one 64-byte cache line. */
+#define EA_LINE_SLOTS 2
+struct ea_count_slot {
+    u64 fp;        /* written by user space only, after fp2; 0: free */
+    u64 fp2;
+    u64 count;     /* repeats counted here, besides the flow map's count */
+    u64 last_ns;
+};
+struct ea_count_line {
+    struct ea_count_slot slot[EA_LINE_SLOTS];
 };
 
 struct ea_connect_event {

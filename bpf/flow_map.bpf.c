@@ -37,6 +37,13 @@ struct user_msghdr {
 #endif
 
 BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
+#ifdef EA_COUNT_LINES
+/* A flow map lookup touches three or four cache lines (bucket, element) that,
+ * with thousands of flows in turn, have left the CPU's caches; a repeat
+ * counted in its count line touches one (docs/architecture.md, design log).
+ * Mapped into user space, which claims slots: EA_COUNT_LINES is a power of two. */
+BPF_F_TABLE("array", u32, struct ea_count_line, count_lines, EA_COUNT_LINES, BPF_F_MMAPABLE);
+#endif
 BPF_PERCPU_ARRAY(stats, u64, EA_STAT_SLOTS);
 #ifdef EA_CGROUP_FILTER
 /* trace -- CMD (egress_auditor/command.py): only connects from the command's
@@ -203,7 +210,62 @@ static __always_inline u64 repeat_time(int coarse)
     return coarse ? bpf_ktime_get_coarse_ns() : bpf_ktime_get_ns();
 }
 
-/* Count the connect in its flow; only a flow's first connect (or any
+#ifdef EA_COUNT_LINES
+/* The key's fingerprint: two NH sums (Toeplitz: the second takes the keys
+ * two words on) under 12 random 32-bit keys drawn at each start. NH is
+ * 2^-32-almost-universal, so two distinct flow keys share both sums with
+ * probability 2^-64 whatever the processes that name flows (comm) choose,
+ * as long as they cannot read the keys; at about a third of SipHash's cost
+ * here, which took most of what the count lines save. */
+static __always_inline u64 nh_pair(u32 a, u32 b, u32 ka, u32 kb)
+{
+    return (u64)(u32)(a + ka) * (u64)(u32)(b + kb);
+}
+
+struct ea_fingerprint {
+    u64 fp;
+    u64 fp2;
+};
+
+static __always_inline struct ea_fingerprint flow_fingerprint(const struct ea_flow_key *key)
+{
+    u32 m[10];
+    _Static_assert(sizeof(*key) == sizeof(m), "the key is ten 32-bit words");
+    __builtin_memcpy(m, key, sizeof(m));
+    struct ea_fingerprint f;
+    f.fp = nh_pair(m[0], m[1], EA_FP_K0, EA_FP_K1) + nh_pair(m[2], m[3], EA_FP_K2, EA_FP_K3) +
+           nh_pair(m[4], m[5], EA_FP_K4, EA_FP_K5) + nh_pair(m[6], m[7], EA_FP_K6, EA_FP_K7) +
+           nh_pair(m[8], m[9], EA_FP_K8, EA_FP_K9);
+    f.fp2 = nh_pair(m[0], m[1], EA_FP_K2, EA_FP_K3) + nh_pair(m[2], m[3], EA_FP_K4, EA_FP_K5) +
+            nh_pair(m[4], m[5], EA_FP_K6, EA_FP_K7) + nh_pair(m[6], m[7], EA_FP_K8, EA_FP_K9) +
+            nh_pair(m[8], m[9], EA_FP_K10, EA_FP_K11);
+    if (!f.fp)
+        f.fp = 1; /* 0 marks a free slot */
+    return f;
+}
+
+/* 1 if the flow holds a slot in its count line, and the connect is counted there. */
+static __always_inline int count_in_line(struct ea_fingerprint fp, int coarse)
+{
+    u32 index = (u32)(fp.fp >> 32) & (EA_COUNT_LINES - 1); /* NH's high bits are its best mixed */
+    struct ea_count_line *line = count_lines.lookup(&index);
+    if (!line)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < EA_LINE_SLOTS; i++) {
+        struct ea_count_slot *slot = &line->slot[i];
+        if (slot->fp == fp.fp && slot->fp2 == fp.fp2) {
+            __sync_fetch_and_add(&slot->count, 1);
+            slot->last_ns = repeat_time(coarse);
+            return 1;
+        }
+    }
+    return 0;
+}
+#endif
+
+/* Count the connect in its flow: in its count line once user space gave it
+ * a slot, else in the flow map. Only a flow's first connect (or any
  * connect while the map is full) crosses to user space. The key identity
  * in `ev` is filled in; with `task_later`, the rest is read from the current
  * task only if the event is sent, else it is filled in already. `coarse`:
@@ -229,6 +291,13 @@ static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev
     key.protocol = ev->protocol;
     __builtin_memcpy(key.comm, ev->comm, sizeof(key.comm));
 
+#ifdef EA_COUNT_LINES
+    struct ea_fingerprint fp = flow_fingerprint(&key);
+    if (count_in_line(fp, coarse))
+        return;
+#else
+    struct { u64 fp, fp2; } fp = {};
+#endif
     known = flows.lookup(&key);
     if (known) {
         __sync_fetch_and_add(&known->count, 1);
@@ -239,7 +308,7 @@ static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev
     ev->ts_ns = now;
     if (task_later)
         fill_task(ev);
-    struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now};
+    struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now, .fp = fp.fp, .fp2 = fp.fp2};
     int err = flows.insert(&key, &fresh);
     if (err == 0) {
         ev->flags = EA_EVENT_NEW_FLOW;

@@ -2,9 +2,10 @@
 
 TCP connects (kprobes, cgroup connect hooks or tracepoint), UDP destinations (cgroup sock_addr
 hooks or syscall tracepoints) and DNS answers (cgroup_skb ingress). Repeats of
-a flow are counted in the kernel's flow map; only a flow's first connect
-arrives as an event. sync() folds the map's counts into the flow table and
-recovers any flow whose first event was lost.
+a flow are counted in the kernel: in the flow map, and once sync() has given
+the flow a slot, in its count line (count_lines.py); only a flow's first
+connect arrives as an event. sync() folds those counts into the flow table
+and recovers any flow whose first event was lost.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from egress_auditor import host
 from egress_auditor.dns import DnsNames
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
+from egress_auditor.inputs.count_lines import CountLines
 from egress_auditor.model import Connection, Family, FlowKey, Process, Protocol
 from egress_auditor.plugins import Option, Plugin, positive_int
 
@@ -260,6 +262,8 @@ class EbpfInput:
         self._legacy_attached: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) without links
         self._cgroup_fd: int | None = None
         self._command_cgroup: tuple[int, int] | None = None  # (id, depth): see restrict_to_cgroup
+        self._lines: CountLines | None = None
+        self.fingerprint_key: tuple[int, ...] = ()  # the 12 NH keys of the count lines' fingerprints
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this maps it to wall time.
         self._epoch_offset = time.time() - time.monotonic()
 
@@ -287,8 +291,16 @@ class EbpfInput:
         if self._command_cgroup is not None:
             cflags += ["-DEA_CGROUP_FILTER", f"-DEA_CGROUP_ID={self._command_cgroup[0]}ULL"]
             cflags.append(f"-DEA_CGROUP_LEVEL={self._command_cgroup[1]}")
+        lines = count_lines(self.options["count_lines"], self.options["max_flows"], self.plan.buffer)
+        if lines:
+            # A fresh fingerprint key at each start, never written anywhere but the compiler's input.
+            self.fingerprint_key = tuple(int.from_bytes(os.urandom(4), "little") for _ in range(12))
+            cflags.append(f"-DEA_COUNT_LINES={lines}")
+            cflags += [f"-DEA_FP_K{i}={k:#x}U" for i, k in enumerate(self.fingerprint_key)]
         try:
             self.bpf = BPF(text=program_text(self.plan.pieces(), src), cflags=cflags)
+            if lines:
+                self._lines = CountLines(self.bpf["count_lines"].map_fd, lines)
             if self.plan.path == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
@@ -307,6 +319,11 @@ class EbpfInput:
             self.close()
             raise AuditorError(f"could not load the BPF programs ({self.plan.describe()}): {exc}") from exc
         return self.plan.describe() + mounted
+
+    @property
+    def lines(self) -> CountLines | None:
+        """The count lines in use, if any (none on kernels without the ring buffer, or when turned off)."""
+        return self._lines
 
     def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
         """Before open(): count only connects from this cgroup v2 and below it (trace -- CMD)."""
@@ -420,57 +437,80 @@ class EbpfInput:
         announced = (self._announced, self._announced_before)
         self._announced_before, self._announced = self._announced, set()
         window = since - RECOVERY_MARGIN_NS
-        key_type = self.bpf["flows"].Key
-        for raw, count, first_ns, last_ns in self._flow_entries():
+        lines = self._lines
+        for raw, count, first_ns, last_ns, fp, fp2 in self._flow_entries():
             if last_ns < window:  # folded already, unless counted just before the last cutoff
                 continue
-            key = key_type.from_buffer_copy(raw)
-            family = Family(key.family)
-            comm = decode_comm(bytes(key.comm))
-            dst = to_address(family, key.daddr)
-            dport = self._port(key.dport)
+            flow = self._flow_key(raw)
             if recover and window <= first_ns < cutoff and not any(raw in keys for keys in announced):
                 emit(
                     self._named(
                         Connection(
                             time=first_ns / 1e9 + self._epoch_offset,
-                            protocol=Protocol(key.protocol),
-                            family=family,
+                            protocol=flow.protocol,
+                            family=flow.family,
                             src=None,
                             sport=0,
-                            dst=dst,
-                            dport=dport,
+                            dst=flow.dst,
+                            dport=flow.dport,
                             pid=0,
-                            uid=key.uid,
+                            uid=flow.uid,
                             gid=-1,
-                            comm=comm,
+                            comm=flow.comm,
                             input=self.name,
-                            process=Process(pid=0, name=comm, uid=key.uid),
+                            process=Process(pid=0, name=flow.comm, uid=flow.uid),
                         )
                     )
                 )
-            last = last_ns / 1e9 + self._epoch_offset
-            on_count(FlowKey(Protocol(key.protocol), family, dst, dport, key.uid, comm), count, last)
+            # A flow that repeats gets a slot in its count line: its later repeats are counted there.
+            slot = lines.claim(fp, fp2, raw) if lines is not None and fp else None
+            if slot is not None:
+                assert lines is not None
+                lines.map_count[slot] = count
+                count += lines.count(slot)
+                last_ns = max(last_ns, lines.last_ns(slot))
+                lines.reported[slot] = count
+            on_count(flow, count, last_ns / 1e9 + self._epoch_offset)
+        if lines is not None:
+            self._fold_lines(lines, on_count)
 
-    def _flow_entries(self) -> Iterator[tuple[bytes, int, int, int]]:
-        """(raw key, count, first_ns, last_ns) of every kernel flow, read in batches
-        without a ctypes object per entry (BCC's items() makes two per flow per sync)."""
+    def _fold_lines(self, lines: CountLines, on_count: OnCount) -> None:
+        """Counts of flows counted in their count lines since the last sync (their flow map entries rest)."""
+        for slot in lines.claimed:
+            total = lines.map_count[slot] + lines.count(slot)
+            if total != lines.reported[slot]:
+                lines.reported[slot] = total
+                owner = lines.owner[slot]
+                assert owner is not None
+                on_count(self._flow_key(owner), total, lines.last_ns(slot) / 1e9 + self._epoch_offset)
+
+    def _flow_key(self, raw: bytes) -> FlowKey:
+        """The flow of a flow map key, as the kernel built it."""
+        key = self.bpf["flows"].Key.from_buffer_copy(raw)
+        family = Family(key.family)
+        dst = to_address(family, key.daddr)
+        comm = decode_comm(bytes(key.comm))
+        return FlowKey(Protocol(key.protocol), family, dst, self._port(key.dport), key.uid, comm)
+
+    def _flow_entries(self) -> Iterator[tuple[bytes, int, int, int, int, int]]:
+        """(raw key, count, first_ns, last_ns, fingerprint words) of every kernel flow, read in
+        batches without a ctypes object per entry (BCC's items() makes two per flow per sync)."""
         table = self.bpf["flows"]
         leaf = table.Leaf
-        offsets = (leaf.count.offset, leaf.first_ns.offset, leaf.last_ns.offset)
+        offsets = (leaf.count.offset, leaf.first_ns.offset, leaf.last_ns.offset, leaf.fp.offset, leaf.fp2.offset)
         key_size, leaf_size = ctypes.sizeof(table.Key), ctypes.sizeof(leaf)
         chunks = self._batches(table.map_fd, key_size, leaf_size)
         try:
             first = next(chunks, None)
         except OSError:  # kernels before 5.6 have no batch lookup
             for key, value in table.items():
-                yield bytes(key), value.count, value.first_ns, value.last_ns
+                yield bytes(key), value.count, value.first_ns, value.last_ns, value.fp, value.fp2
             return
         for keys, values, n in itertools.chain((first,) if first else (), chunks):
             for i in range(n):
                 base = i * leaf_size
-                count, first_ns, last_ns = (_U64.unpack_from(values, base + off)[0] for off in offsets)
-                yield keys[i * key_size : (i + 1) * key_size], count, first_ns, last_ns
+                count, first_ns, last_ns, fp, fp2 = (_U64.unpack_from(values, base + off)[0] for off in offsets)
+                yield keys[i * key_size : (i + 1) * key_size], count, first_ns, last_ns, fp, fp2
 
     def _batches(self, fd: int, key_size: int, leaf_size: int) -> Iterator[tuple[bytes, Any, int]]:
         """BPF_MAP_LOOKUP_BATCH until the map is exhausted: (keys bytes, values buffer, entries)."""
@@ -518,6 +558,9 @@ class EbpfInput:
         if self._cgroup_fd is not None:
             os.close(self._cgroup_fd)
             self._cgroup_fd = None
+        if self._lines is not None:
+            self._lines.close()
+            self._lines = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -565,6 +608,14 @@ PLUGIN = Plugin(
             valid="a positive whole number",
         ),
         Option(
+            "count_lines",
+            "64-byte lines in which the kernel counts repeats of known flows, one cache line per connect "
+            "(a power of two, or off); auto: one per flow the map holds. Ring buffer kernels only",
+            "auto",
+            convert=lambda v: _count_lines_option(v),
+            valid="auto, off or a power of two, e.g. 4096",
+        ),
+        Option(
             "pages",
             "pages of the event buffer (a power of two); a burst of new flows larger than it holds is "
             "counted as lost events and recovered from the kernel's flow map",
@@ -575,6 +626,21 @@ PLUGIN = Plugin(
     ),
     example="-i ebpf -I ebpf:probe:tracepoint",
 )
+
+
+def count_lines(option: str | int, max_flows: int, buffer: str) -> int:
+    """Count lines to build: 0 for none. auto: one per flow the map holds, rounded up to a power of
+    two (two slots each, so a line is rarely full). They need mmap-able arrays (5.5), which every
+    kernel with the ring buffer (5.8) has."""
+    if buffer != "ringbuf" or option in ("off", 0):
+        return 0
+    if option == "auto":
+        return 1 << max(0, max_flows - 1).bit_length()
+    return int(option)
+
+
+def _count_lines_option(value: str) -> str | int:
+    return value if value in ("auto", "off") else _power_of_two(value)
 
 
 def _power_of_two(value: str) -> int:

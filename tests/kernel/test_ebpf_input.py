@@ -371,3 +371,101 @@ def test_kprobe_variant_compiles_and_passes_the_verifier() -> None:
             assert bpf.load_func(name, BPF.KPROBE).fd >= 0
     finally:
         bpf.cleanup()
+
+
+def nh_fingerprint(keys: Sequence[int], raw: bytes) -> tuple[int, int]:
+    """The count lines' fingerprint of a flow map key, computed here as the kernel should:
+    two NH sums over its ten 32-bit words, the second with the keys two words on."""
+    m = [int.from_bytes(raw[i : i + 4], "little") for i in range(0, 40, 4)]
+    mask32, mask64 = 0xFFFFFFFF, (1 << 64) - 1
+
+    def nh(k: Sequence[int]) -> int:
+        return sum(((m[i] + k[i]) & mask32) * ((m[i + 1] + k[i + 1]) & mask32) for i in range(0, 10, 2)) & mask64
+
+    return nh(keys[:10]) or 1, nh(keys[2:12])
+
+
+def our_flow_entry(source: EbpfInput, dst: str, port: int) -> tuple[bytes, Any]:
+    """The flow map's (raw key, value) for this test's destination."""
+    address = ipaddress.ip_address(dst).packed
+    for key, value in source.bpf["flows"].items():
+        if bytes(key.daddr)[: len(address)] == address and key.dport == port:
+            return bytes(key), value
+    raise AssertionError(f"no flow to {dst}:{port} in the map")
+
+
+def test_repeats_after_a_sync_are_counted_in_the_flows_count_line_exactly(
+    open_input: Callable[..., EbpfInput], net: Link
+) -> None:
+    source = open_input(pages=ROOMY)
+    lines = source.lines
+    assert lines is not None and lines.lines == 65536, "auto: a line per flow the map holds"
+    port, first, later = 21500, 5, 7
+    info = run_client(net.a, 4, net.b4, [port], repeats=first)
+    assert info["refused"] == first
+    received = Received()
+    assert poll_until(source, received, lambda: bool(received.to(net.b4, port)))
+    received.sync(source)  # the flow repeated: it gets a slot
+    key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), port, 0, info["comm"])
+    assert received.counts[key] == first
+
+    raw, value = our_flow_entry(source, net.b4, port)
+    # The kernel's fingerprint is the two NH sums of the key under this run's keys.
+    assert len(source.fingerprint_key) == 12
+    assert (value.fp, value.fp2) == nh_fingerprint(source.fingerprint_key, raw)
+    slot = lines.claim(value.fp, value.fp2, raw)  # its own slot comes back
+    assert slot is not None and lines.owner[slot] == raw
+    assert lines.count(slot) == 0
+
+    run_client(net.a, 4, net.b4, [port], repeats=later)
+    received.sync(source)
+    assert received.counts[key] == first + later
+    assert lines.count(slot) == later, "the repeats after the claim were counted in the line"
+    assert our_flow_entry(source, net.b4, port)[1].count == first, "the flow map entry rests"
+    received.sync(source)  # nothing new: nothing handed over again, nothing lost
+    assert received.counts[key] == first + later
+    assert len(received.to(net.b4, port)) == 1
+
+
+def test_a_full_count_line_leaves_flows_in_the_map_with_exact_counts(
+    open_input: Callable[..., EbpfInput], net: Link
+) -> None:
+    source = open_input(pages=ROOMY, count_lines=1)  # one line: two slots for the whole host
+    lines = source.lines
+    assert lines is not None and lines.lines == 1
+    ports, repeats = range(21600, 21606), 3
+    run_client(net.a, 4, net.b4, ports, repeats=repeats)
+    received = Received()
+    assert poll_until(source, received, lambda: {c.dport for c in received.to(net.b4)} >= set(ports))
+    received.sync(source)
+    assert len(lines.claimed) == 2, "both slots taken by the first flows that repeated"
+    key_type = source.bpf["flows"].Key
+    address = ipaddress.ip_address(net.b4)
+    held = {}  # our flows' slots (another flow of the host may hold one)
+    for slot in lines.claimed:
+        key = key_type.from_buffer_copy(lines.owner[slot])
+        if bytes(key.daddr)[:4] == address.packed and key.dport in ports:
+            held[key.dport] = slot
+    run_client(net.a, 4, net.b4, ports, repeats=repeats)
+    received.sync(source)
+    counted = {k.dport: n for k, n in received.counts.items() if k.dst == address}
+    assert counted == dict.fromkeys(ports, 2 * repeats)
+    for port in ports:
+        in_map = our_flow_entry(source, net.b4, port)[1].count
+        in_line = lines.count(held[port]) if port in held else 0
+        assert (in_map, in_line) == ((repeats, repeats) if port in held else (2 * repeats, 0)), port
+
+
+def test_count_lines_off_counts_in_the_map_alone(open_input: Callable[..., EbpfInput], net: Link) -> None:
+    source = open_input(pages=ROOMY, count_lines="off")
+    assert source.lines is None and source.fingerprint_key == ()
+    port = 21700
+    info = run_client(net.a, 4, net.b4, [port], repeats=4)
+    received = Received()
+    assert poll_until(source, received, lambda: bool(received.to(net.b4, port)))
+    received.sync(source)
+    run_client(net.a, 4, net.b4, [port], repeats=4)
+    received.sync(source)
+    key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), port, 0, info["comm"])
+    assert received.counts[key] == 8
+    assert (our_flow_entry(source, net.b4, port)[1].fp, our_flow_entry(source, net.b4, port)[1].fp2) == (0, 0)

@@ -154,6 +154,9 @@ def test_malformed_input_option_names_input_flag() -> None:
         ("input", "ebpf:pages:0", "a power of two"),
         ("input", "ebpf:max_flows:0", "a positive whole number"),
         ("input", "ebpf:max_flows:abc", "a positive whole number"),
+        ("input", "ebpf:count_lines:3", "auto, off or a power of two"),
+        ("input", "ebpf:count_lines:0", "auto, off or a power of two"),
+        ("input", "ebpf:count_lines:on", "auto, off or a power of two"),
     ],
 )
 def test_invalid_value_names_what_is_valid(kind: str, option: str, expected: str) -> None:
@@ -307,3 +310,19 @@ def test_cli_doctor_failure_is_exit_status_1() -> None:
     assert "Traceback" not in result.stderr
     assert result.returncode == 1, result.stdout + result.stderr
     assert "MISSING" in result.stdout
+
+
+def test_count_lines_option_and_how_many_are_built() -> None:
+    from egress_auditor.inputs.ebpf import count_lines
+
+    chosen = [
+        select("input", ["ebpf"], [f"ebpf:count_lines:{v}"], default="ebpf").chosen["ebpf"]["count_lines"]
+        for v in ("auto", "off", "4096")
+    ]
+    assert chosen == ["auto", "off", 4096]
+    assert count_lines("auto", 65536, "ringbuf") == 65536
+    assert count_lines("auto", 100, "ringbuf") == 128  # one per flow, rounded up to a power of two
+    assert count_lines("auto", 1, "ringbuf") == 1
+    assert count_lines(4096, 65536, "ringbuf") == 4096
+    assert count_lines("off", 65536, "ringbuf") == 0
+    assert count_lines("auto", 65536, "perf") == 0  # older kernels: the flow map alone

@@ -1,0 +1,76 @@
+"""The kernel's count lines (bpf/flow_map.bpf.c), mapped into this process.
+
+Each 64-byte line holds two slots of four 64-bit words: the fingerprint's
+two words, count, last time. User space claims a free slot for a flow by
+writing the flow's fingerprint into it, second word first, each one aligned
+8-byte store (the first word, non-zero, makes the slot taken); from then on the kernel
+counts the flow's repeats in that slot instead of its flow map entry, so a
+flow's count is the two added up. Only user space writes fingerprints, so two
+flows never race for a slot. A flow whose line is full stays in the flow map.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from array import array
+
+LINE_BYTES = 64
+LINE_SLOTS = 2  # EA_LINE_SLOTS
+SLOT_WORDS = 4  # fp, fp2, count, last_ns
+FP, FP2, COUNT, LAST_NS = 0, 1, 2, 3
+
+
+def fingerprint_line(fp: int, lines: int) -> int:
+    """The line the kernel looks in for a fingerprint (count_in_line)."""
+    return (fp >> 32) & 0xFFFFFFFF & (lines - 1)
+
+
+class CountLines:
+    """Slots claimed by fingerprint, and the counts the kernel keeps in them."""
+
+    def __init__(self, map_fd: int, lines: int) -> None:
+        if lines < 1 or lines & (lines - 1):
+            raise ValueError(f"count lines must be a power of two, not {lines}")
+        self.lines = lines
+        size = lines * LINE_BYTES
+        length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE  # the kernel maps whole pages
+        self._map = mmap.mmap(map_fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # One ctypes array over the mapping: element access is one aligned 8-byte load or store.
+        self._words: ctypes.Array[ctypes.c_uint64] | None = (ctypes.c_uint64 * (size // 8)).from_buffer(self._map)
+        slots = lines * LINE_SLOTS
+        # Per slot: the flow map key that owns it (raw bytes) and its flow map count.
+        self.owner: list[bytes | None] = [None] * slots
+        self.map_count = array("Q", bytes(8 * slots))
+        self.reported = array("Q", bytes(8 * slots))  # the count last handed to sync's caller
+        self.claimed = array("I")  # slots in the order they were claimed
+
+    def _word(self, slot: int, field: int) -> int:
+        assert self._words is not None, "count lines used after close"
+        return int(self._words[slot * SLOT_WORDS + field])
+
+    def claim(self, fp: int, fp2: int, owner: bytes) -> int | None:
+        """A slot for this fingerprint: its own if it has one, else a free one; None if the line is full."""
+        assert self._words is not None, "count lines used after close"
+        first = fingerprint_line(fp, self.lines) * LINE_SLOTS
+        for slot in range(first, first + LINE_SLOTS):
+            held = self._word(slot, FP)
+            if held == fp and self._word(slot, FP2) == fp2:
+                return slot
+            if held == 0:
+                self._words[slot * SLOT_WORDS + FP2] = fp2
+                self._words[slot * SLOT_WORDS + FP] = fp
+                self.owner[slot] = owner
+                self.claimed.append(slot)
+                return slot
+        return None
+
+    def count(self, slot: int) -> int:
+        return self._word(slot, COUNT)
+
+    def last_ns(self, slot: int) -> int:
+        return self._word(slot, LAST_NS)
+
+    def close(self) -> None:
+        self._words = None  # the mapping cannot close while a ctypes view holds it
+        self._map.close()
