@@ -182,6 +182,8 @@ def ratio(
             run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows, kind=kind)
             if auditor:
                 announced.append(len(wait_for_flows(tracer, set(), flows, cfg.catch_up_s)))
+                # The first sync once the flows are known gives them count line slots: then it is steady.
+                time.sleep(SYNC_MARGIN_S)
             crowded += other_tracers({tracer.pid}) > 0
             rate = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds, kind=kind).rate
             if conntrack:

@@ -441,7 +441,7 @@ def test_a_full_count_line_leaves_flows_in_the_map_with_exact_counts(
     assert len(lines.claimed) == 2, "both slots taken by the first flows that repeated"
     key_type = source.bpf["flows"].Key
     address = ipaddress.ip_address(net.b4)
-    held = {}  # our flows' slots (another flow of the host may hold one)
+    held: dict[int, int] = {}  # port -> slot of our flows that hold one (another flow of the host may)
     for slot in lines.claimed:
         key = key_type.from_buffer_copy(lines.owner[slot])
         if bytes(key.daddr)[:4] == address.packed and key.dport in ports:
@@ -468,4 +468,5 @@ def test_count_lines_off_counts_in_the_map_alone(open_input: Callable[..., EbpfI
     received.sync(source)
     key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), port, 0, info["comm"])
     assert received.counts[key] == 8
-    assert (our_flow_entry(source, net.b4, port)[1].fp, our_flow_entry(source, net.b4, port)[1].fp2) == (0, 0)
+    value = our_flow_entry(source, net.b4, port)[1]
+    assert (value.fp, value.fp2) == (0, 0), "no fingerprint without count lines"
