@@ -43,7 +43,7 @@ def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
     """The BPF object and its connect4 function, built as the auditor builds it by default, plus flags."""
     from bcc import BPF, BPFAttachType
 
-    from egress_auditor.inputs.ebpf import count_lines, plan_attach, program_text
+    from egress_auditor.inputs.ebpf import count_line_flags, count_lines, plan_attach, program_text
 
     plan = plan_attach("auto", "auto")
     if plan.path != "cgroup":
@@ -51,8 +51,7 @@ def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
     cflags = [f"-I{src}", *plan.cflags()]
     lines = count_lines("auto", MAX_FLOWS, plan.buffer)
     if lines:
-        keys = (int.from_bytes(os.urandom(4), "little") for _ in range(12))  # as the auditor draws them
-        cflags += [f"-DEA_COUNT_LINES={lines}", *(f"-DEA_FP_K{i}={k:#x}U" for i, k in enumerate(keys))]
+        cflags += count_line_flags(lines)[1]
     bpf = BPF(text=program_text(plan.pieces(), src), cflags=[*cflags, *flags])
     return bpf, bpf.load_func(b"connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT)
 

@@ -293,10 +293,8 @@ class EbpfInput:
             cflags.append(f"-DEA_CGROUP_LEVEL={self._command_cgroup[1]}")
         lines = count_lines(self.options["count_lines"], self.options["max_flows"], self.plan.buffer)
         if lines:
-            # A fresh fingerprint key at each start, never written anywhere but the compiler's input.
-            self.fingerprint_key = tuple(int.from_bytes(os.urandom(4), "little") for _ in range(12))
-            cflags.append(f"-DEA_COUNT_LINES={lines}")
-            cflags += [f"-DEA_FP_K{i}={k:#x}U" for i, k in enumerate(self.fingerprint_key)]
+            self.fingerprint_key, line_flags = count_line_flags(lines)
+            cflags += line_flags
         try:
             self.bpf = BPF(text=program_text(self.plan.pieces(), src), cflags=cflags)
             if lines:
@@ -637,6 +635,13 @@ def count_lines(option: str | int, max_flows: int, buffer: str) -> int:
     if option == "auto":
         return 1 << max(0, max_flows - 1).bit_length()
     return int(option)
+
+
+def count_line_flags(lines: int) -> tuple[tuple[int, ...], list[str]]:
+    """Fresh fingerprint keys (twelve 32-bit NH keys, drawn at each start and written nowhere but the
+    compiler's input) and the compiler flags that build `lines` count lines with them."""
+    keys = tuple(int.from_bytes(os.urandom(4), "little") for _ in range(12))
+    return keys, [f"-DEA_COUNT_LINES={lines}", *(f"-DEA_FP_K{i}={k:#x}U" for i, k in enumerate(keys))]
 
 
 def _count_lines_option(value: str) -> str | int:
