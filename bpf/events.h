@@ -104,8 +104,8 @@ struct ea_dns_event {
 #define EA_MAX_ARGS 32
 
 /* Flags of a process event. */
-#define EA_PROC_ARGS_CUT 1     /* argv had more than EA_ARGS_SIZE bytes or EA_MAX_ARGS words */
-#define EA_PROC_ARGS_MISSING 2 /* argv could not be read at execve entry */
+#define EA_PROC_ARGS_CUT 1     /* argv had more than EA_ARGS_SIZE bytes (or EA_MAX_ARGS words: syscall path) */
+#define EA_PROC_ARGS_MISSING 2 /* argv could not be read */
 #define EA_PROC_FILENAME_CUT 4
 
 /* Slots of the lineage statistics array. */

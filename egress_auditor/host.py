@@ -94,6 +94,16 @@ def kernel_function_exists(name: str) -> bool:
         return False
 
 
+def kernel_has_helpers(*names: str) -> bool:
+    """Whether the kernel knows these BPF helpers: their enum bpf_func_id entries, in the kernel's
+    BTF (which the BTF-typed helpers need anyway). Without BTF, False."""
+    try:
+        btf = Path("/sys/kernel/btf/vmlinux").read_bytes()
+    except OSError:
+        return False
+    return all(f"BPF_FUNC_{name}\0".encode() in btf for name in names)
+
+
 def kprobes_usable() -> tuple[bool, str]:
     if not kernel_has_kprobes():
         return False, "the kernel has no kprobes (CONFIG_KPROBES not set)"

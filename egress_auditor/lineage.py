@@ -342,7 +342,11 @@ def tracepoint_fields(category: str, event: str) -> set[str]:
     return names
 
 
-NEEDED = (("sched", "sched_process_exec"), ("sched", "sched_process_exit"), ("syscalls", "sys_enter_execve"))
+NEEDED = (("sched", "sched_process_exec"), ("sched", "sched_process_exit"))
+# Where argv is read: from the new image's stack at exec (bpf_task_pt_regs, 5.15+), else at execve
+# entry, whose syscall tracepoints slow down every syscall of the host while attached.
+ARGS_FROM_STACK = "argv from the new image's stack"
+ARGS_FROM_SYSCALLS = "argv at syscalls:sys_enter_execve{,at}"
 
 
 class LineageTracer:
@@ -350,9 +354,12 @@ class LineageTracer:
 
     name = "lineage"
 
-    def __init__(self, table: ProcessTable | None = None, pages: int = 256) -> None:
-        self.table = table or ProcessTable()
+    def __init__(self, table: ProcessTable | None = None, pages: int = 256, argv_from: str = "auto") -> None:
+        if argv_from not in ("auto", "stack", "syscalls"):
+            raise ValueError(f"argv_from: auto, stack or syscalls, not {argv_from!r}")
+        self.table = table if table is not None else ProcessTable()  # an empty table is falsy
         self.pages = pages
+        self.argv_from = argv_from  # auto: from the stack where the kernel allows it
         self.bpf: Any = None
         self.seeded = 0
         self._lost_seen = 0
@@ -366,8 +373,6 @@ class LineageTracer:
         missing = [f"{c}:{e}" for c, e in NEEDED if not host.tracepoint_exists(c, e)]
         if missing:
             raise AuditorError(f"process lineage needs tracepoints {', '.join(missing)} (mount tracefs)")
-        from bcc import BPF  # imported late: unit tests and `list` work without BCC
-
         src = Path(__file__).resolve().parent.parent / "bpf"
         if not (src / "process.bpf.c").exists():
             src = Path(__file__).resolve().parent / "bpf"  # installed wheel
@@ -378,16 +383,33 @@ class LineageTracer:
             fork_hook = "sched:sched_process_fork"
         if "group_dead" not in tracepoint_fields("sched", "sched_process_exit"):
             cflags.append("-DEA_EXIT_LEADER")
+        args_from = self._load(src, cflags)
+        self.seeded = seed_from_proc(self.table)
+        self.consume()
+        return f"{fork_hook}, sched:sched_process_exec/exit, {args_from}; {self.seeded} processes seeded"
+
+    def _load(self, src: Path, cflags: list[str]) -> str:
+        """Load and attach process.bpf.c, reading argv from the stack where the kernel allows it."""
+        from bcc import BPF  # imported late: unit tests and `list` work without BCC
+
+        args_from = ARGS_FROM_STACK
+        stack = self.argv_from == "stack" or (
+            self.argv_from == "auto" and host.kernel_has_helpers("get_current_task_btf", "task_pt_regs")
+        )
+        if not stack:
+            if not host.tracepoint_exists("syscalls", "sys_enter_execve"):
+                raise AuditorError(
+                    "process lineage needs bpf_task_pt_regs (5.15+, with BTF) or syscalls:sys_enter_execve"
+                )
+            args_from = ARGS_FROM_SYSCALLS
+            cflags = [*cflags, "-DEA_EXEC_ARGS_SYSCALLS"]
         try:
             self.bpf = BPF(src_file=str(src / "process.bpf.c").encode(), cflags=cflags)
-            events = self.bpf[b"lineage_events"]
-            events.open_ring_buffer(self._on_event)
+            self.bpf[b"lineage_events"].open_ring_buffer(self._on_event)
         except Exception as exc:  # BCC raises bare Exception for compile and attach failures
             self.close()
             raise AuditorError(f"could not load the process lineage program: {exc}") from exc
-        self.seeded = seed_from_proc(self.table)
-        self.consume()
-        return f"{fork_hook}, sched:sched_process_exec/exit, syscalls:sys_enter_execve; {self.seeded} processes seeded"
+        return args_from
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
         raw = self.bpf[b"lineage_events"].event(data)
