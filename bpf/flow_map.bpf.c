@@ -247,7 +247,8 @@ static __always_inline struct ea_fingerprint flow_fingerprint(const struct ea_fl
 /* 1 if the flow holds a slot in its count line, and the connect is counted there. */
 static __always_inline int count_in_line(struct ea_fingerprint fp, int coarse)
 {
-    u32 index = (u32)(fp.fp >> 32) & (EA_COUNT_LINES - 1); /* NH's high bits are its best mixed */
+    /* NH is linear in the key: its bits are folded and multiplied first (count_lines.py: fingerprint_line) */
+    u32 index = (((fp.fp ^ (fp.fp >> 32)) * EA_LINE_MUL) >> 32) >> (32 - EA_LINE_BITS);
     struct ea_count_line *line = count_lines.lookup(&index);
     if (!line)
         return 0;

@@ -21,17 +21,31 @@ SLOT_WORDS = 4  # fp, fp2, count, last_ns
 FP, FP2, COUNT, LAST_NS = 0, 1, 2, 3
 
 
+# The fingerprint's line: its high word folded onto its low word, times an odd constant, top bits.
+# NH sums are linear in the key's words, so fingerprints of flows that differ only in their port lie
+# on a lattice: their own bits (or a multiply alone) crowd such flows into few lines for some keys.
+LINE_MUL = 0x9E3779B97F4A7C15  # odd: 2^64 / the golden ratio
+
+
 def fingerprint_line(fp: int, lines: int) -> int:
-    """The line the kernel looks in for a fingerprint (count_in_line)."""
-    return (fp >> 32) & 0xFFFFFFFF & (lines - 1)
+    """The line the kernel looks in for a fingerprint (count_in_line): the top log2(lines) bits of
+    (fp ^ fp >> 32) * LINE_MUL, taken in two shifts as the kernel does (one line: all shifted out)."""
+    folded = fp ^ (fp >> 32)
+    return ((folded * LINE_MUL) & 0xFFFFFFFFFFFFFFFF) >> 32 >> (32 - line_bits(lines))
+
+
+def line_bits(lines: int) -> int:
+    """log2 of a power of two of lines, at most 2^32."""
+    if lines < 1 or lines & (lines - 1) or lines > 1 << 32:
+        raise ValueError(f"count lines must be a power of two up to 2^32, not {lines}")
+    return lines.bit_length() - 1
 
 
 class CountLines:
     """Slots claimed by fingerprint, and the counts the kernel keeps in them."""
 
     def __init__(self, map_fd: int, lines: int) -> None:
-        if lines < 1 or lines & (lines - 1):
-            raise ValueError(f"count lines must be a power of two, not {lines}")
+        self.bits = line_bits(lines)
         self.lines = lines
         size = lines * LINE_BYTES
         length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE  # the kernel maps whole pages

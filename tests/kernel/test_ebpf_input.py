@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fingerprint import nh_fingerprint
 from netns import Link, Namespace, http_server
 
 from egress_auditor.errors import AuditorError
@@ -373,18 +374,6 @@ def test_kprobe_variant_compiles_and_passes_the_verifier() -> None:
         bpf.cleanup()
 
 
-def nh_fingerprint(keys: Sequence[int], raw: bytes) -> tuple[int, int]:
-    """The count lines' fingerprint of a flow map key, computed here as the kernel should:
-    two NH sums over its ten 32-bit words, the second with the keys two words on."""
-    m = [int.from_bytes(raw[i : i + 4], "little") for i in range(0, 40, 4)]
-    mask32, mask64 = 0xFFFFFFFF, (1 << 64) - 1
-
-    def nh(k: Sequence[int]) -> int:
-        return sum(((m[i] + k[i]) & mask32) * ((m[i + 1] + k[i + 1]) & mask32) for i in range(0, 10, 2)) & mask64
-
-    return nh(keys[:10]) or 1, nh(keys[2:12])
-
-
 def our_flow_entry(source: EbpfInput, dst: str, port: int) -> tuple[bytes, Any]:
     """The flow map's (raw key, value) for this test's destination."""
     address = ipaddress.ip_address(dst).packed
@@ -399,7 +388,7 @@ def test_repeats_after_a_sync_are_counted_in_the_flows_count_line_exactly(
 ) -> None:
     source = open_input(pages=ROOMY)
     lines = source.lines
-    assert lines is not None and lines.lines == 65536, "auto: a line per flow the map holds"
+    assert lines is not None and lines.lines == 32768, "auto: a line per two flows the map holds"
     port, first, later = 21500, 5, 7
     info = run_client(net.a, 4, net.b4, [port], repeats=first)
     assert info["refused"] == first

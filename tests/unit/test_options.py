@@ -320,8 +320,9 @@ def test_count_lines_option_and_how_many_are_built() -> None:
         for v in ("auto", "off", "4096")
     ]
     assert chosen == ["auto", "off", 4096]
-    assert count_lines("auto", 65536, "ringbuf") == 65536
-    assert count_lines("auto", 100, "ringbuf") == 128  # one per flow, rounded up to a power of two
+    assert count_lines("auto", 65536, "ringbuf") == 32768
+    assert count_lines("auto", 100, "ringbuf") == 64  # one per two flows, rounded up to a power of two
+    assert count_lines("auto", 2, "ringbuf") == 1
     assert count_lines("auto", 1, "ringbuf") == 1
     assert count_lines(4096, 65536, "ringbuf") == 4096
     assert count_lines("off", 65536, "ringbuf") == 0
