@@ -10,7 +10,11 @@ build with extra compiler flags (-DNAME for a scratch #ifdef in the source;
 flow gets a count line slot once the map is filled.
 The load is bench/run.py's: TCP connects over --flows flows in turn. Only the
 connect program runs: user space, the lineage and the other hooks are not
-loaded. Prints a table; writes nothing. Needs root."""
+loaded. With --runtime, also each build's run time per connect as the kernel
+times it (kernel.bpf_stats_enabled, on for the run: it adds its own clock
+reads, the same to every build): far less noisy than the connect rate, which
+moves a few percent from second to second here, but blind to what a program
+costs the connect path around it. Prints a table; writes nothing. Needs root."""
 
 from __future__ import annotations
 
@@ -18,13 +22,14 @@ import argparse
 import os
 import statistics
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import ROOT, Spread, build_loadgen, namespace, run_client, server
+from bench.harness import ROOT, Spread, bpf_programs, bpf_stats, build_loadgen, namespace, run_client, server
 
 PORTS = 100
 MAX_FLOWS = 65536  # the eBPF input's default
@@ -70,6 +75,21 @@ def claim_slots(bpf: Any) -> Any:
     return lines
 
 
+def prog_id(fd: int) -> int:
+    """The kernel's id of the program behind a file descriptor of this process."""
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        for line in info:
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"fd {fd} is not a BPF program")
+
+
+def run_stats(prog: int) -> tuple[int, int]:
+    """(run time ns, runs) the kernel counted for a program while bpf_stats were on."""
+    info = bpf_programs().get(prog, {})
+    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", help="NAME=FLAG,FLAG: a build with extra compiler flags")
@@ -77,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--flows", type=int, default=10_000, help="distinct flows in turn, a multiple of 100")
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed client run per state and round")
+    parser.add_argument("--runtime", action="store_true", help="also each build's run time per connect (bpf_stats)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench/connect_variants.py needs root (BPF programs, network namespaces)")
@@ -102,10 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loadgen = build_loadgen()
     rate: dict[str, list[float]] = {state: [] for state in states}
     cpu_ns: dict[str, list[float]] = {state: [] for state in states}
+    run_ns: dict[str, list[float]] = {state: [] for state in states if state != "off"}
     cgroup = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     mapped: list[Any] = []  # count lines mapped here, closed before their maps go
     try:
-        with namespace() as ns, server(ns, loadgen, PORTS, lifetime_s=3600):
+        timed = bpf_stats() if args.runtime else nullcontext()
+        with namespace() as ns, server(ns, loadgen, PORTS, lifetime_s=3600), timed:
             for bpf, fn in builds.values():  # fill each build's flow map once, then claim as sync would
                 BPF.attach_func(fn, cgroup, kind, 2)
                 try:
@@ -122,7 +145,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         BPF.attach_func(fn, cgroup, kind, 2)
                     try:
                         run_client(ns, loadgen, addrs, PORTS, count=min(args.flows, 5000))  # warm up
+                        before = run_stats(prog_id(fn.fd)) if args.runtime and fn is not None else (0, 0)
                         result = run_client(ns, loadgen, addrs, PORTS, seconds=args.seconds)
+                        if args.runtime and fn is not None:
+                            after = run_stats(prog_id(fn.fd))
+                            run_ns[state].append((after[0] - before[0]) / max(1, after[1] - before[1]))
                     finally:
                         if fn is not None:
                             BPF.detach_func(fn, cgroup, kind)
@@ -136,12 +163,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for bpf, _fn in builds.values():
             bpf.cleanup()
     summary: dict[str, Any] = {}
-    print(f"\n{'state':12s} {'rate / off (median, IQR)':28s} client CPU per connect - off (median)")
+    runtime_head = "   program run time per connect (median, IQR)" if args.runtime else ""
+    print(f"\n{'state':12s} {'rate / off (median, IQR)':28s} client CPU per connect - off (median){runtime_head}")
     for state in states:
         ratio = Spread.of([on / off for on, off in zip(rate[state], rate["off"], strict=True)])
         extra = statistics.median(on - off for on, off in zip(cpu_ns[state], cpu_ns["off"], strict=True))
         summary[state] = {"ratio": ratio.as_dict(), "cpu_ns_per_connect_extra": round(extra)}
-        print(f"{state:12s} {ratio.median:.3f} ({ratio.q1:.3f}-{ratio.q3:.3f}){'':12s} {extra:+.0f} ns")
+        line = f"{state:12s} {ratio.median:.3f} ({ratio.q1:.3f}-{ratio.q3:.3f}){'':12s} {extra:+.0f} ns"
+        if args.runtime and run_ns.get(state):
+            run = Spread.of(run_ns[state])
+            summary[state]["run_ns_per_connect"] = run.as_dict(1)
+            line += f"{'':30s} {run.median:.0f} ns ({run.q1:.0f}-{run.q3:.0f})"
+        print(line)
     return summary
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -185,6 +186,22 @@ def programs_on_cgroup_root() -> int:
         return 0
     out = subprocess.run(["bpftool", "cgroup", "show", str(root)], capture_output=True, text=True, check=False)
     return sum(1 for line in out.stdout.splitlines()[1:] if line.strip())
+
+
+@contextmanager
+def bpf_stats() -> Iterator[None]:
+    """Per-program run counters on for the block (they cost a clock read per run themselves)."""
+    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
+
+
+def bpf_programs() -> dict[int, dict[str, Any]]:
+    """Every BPF program loaded, by id, as bpftool shows it (with run counters while bpf_stats are on)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {p["id"]: p for p in json.loads(out)}
 
 
 # -- tracers in the background -------------------------------------------------------

@@ -12,13 +12,9 @@ Writes its section of docs/benchmarks.md. Needs root."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import statistics
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,8 @@ from bench.harness import (
     Namespace,
     Spread,
     Tracer,
+    bpf_programs,
+    bpf_stats,
     build_loadgen,
     namespace,
     run_client,
@@ -49,21 +47,6 @@ int empty_addr(struct bpf_sock_addr *ctx) { return 1; }
 """
 
 
-@contextlib.contextmanager
-def bpf_stats() -> Iterator[None]:
-    """Per-program run counters on for the block (they cost a clock read per run themselves)."""
-    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
-
-
-def programs() -> dict[int, dict[str, Any]]:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    return {p["id"]: p for p in json.loads(out)}
-
-
 def run_times(ns: Namespace, loadgen: Path, addrs: int, workdir: Path, *extra: str) -> tuple[int, list[dict]]:
     """Connects made, and each auditor program's runs and run time over a 3 s load."""
     argv = [*auditor_command(), "trace", "-i", "ebpf", "--no-live", *extra]
@@ -72,9 +55,9 @@ def run_times(ns: Namespace, loadgen: Path, addrs: int, workdir: Path, *extra: s
         run_client(ns, loadgen, addrs, PORTS, count=addrs * PORTS)
         wait_for_flows(tracer, set(), addrs * PORTS, 120)
         with bpf_stats():
-            before = programs()
+            before = bpf_programs()
             load = run_client(ns, loadgen, addrs, PORTS, seconds=3)
-            after = programs()
+            after = bpf_programs()
         tracer.stop()
     rows = []
     for pid, prog in after.items():

@@ -75,13 +75,20 @@ def test_program_cost_names_each_program_and_writes_its_section(tmp_path: Path) 
 
 def test_connect_variants_measures_each_build_against_no_program() -> None:
     variants = bench_module("bench.connect_variants")
-    summary = variants.main(["same=-DEA_UNUSED_FLAG", "--flows", "100", "--rounds", "2", "--seconds", "0.3"])
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
+    argv = ["same=-DEA_UNUSED_FLAG", "--flows", "100", "--rounds", "2", "--seconds", "0.3", "--runtime"]
+    summary = variants.main(argv)
 
     assert list(summary) == ["off", "empty", "ours", "same"]
-    assert summary["off"]["ratio"]["median"] == 1.0
+    assert summary["off"]["ratio"]["median"] == 1.0 and "run_ns_per_connect" not in summary["off"]
     for state in ("empty", "ours", "same"):
         ratio = summary[state]["ratio"]
         assert ratio["n"] == 2 and 0 < ratio["median"] < 10, state
+        assert summary[state]["run_ns_per_connect"]["n"] == 2, state
+    # The kernel timed every build; ours does more than an empty program.
+    run = {state: summary[state]["run_ns_per_connect"]["median"] for state in ("empty", "ours")}
+    assert 0 < run["empty"] < run["ours"], run
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before, "the counters left as found"
 
 
 def test_connect_variants_refuses_a_variant_named_like_a_fixed_state() -> None:
