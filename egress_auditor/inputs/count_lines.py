@@ -45,7 +45,7 @@ class CountLines:
     """Slots claimed by fingerprint, and the counts the kernel keeps in them."""
 
     def __init__(self, map_fd: int, lines: int) -> None:
-        self.bits = line_bits(lines)
+        line_bits(lines)  # refuses a count that is not a power of two
         self.lines = lines
         size = lines * LINE_BYTES
         length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE  # the kernel maps whole pages

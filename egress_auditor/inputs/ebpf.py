@@ -214,6 +214,8 @@ def decode_comm(raw: bytes) -> str:
 
 
 RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be counted after its flow
+# Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
+MAX_FLOWS_LIMIT = 1 << 24
 SYNC_BATCH = 4096  # kernel flows read per bpf(2) call: small buffers, kept between syncs
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
 _U64 = struct.Struct("=Q")
@@ -602,16 +604,16 @@ PLUGIN = Plugin(
             "max_flows",
             "flows the kernel map holds; beyond that each connect is sent to user space and counted",
             "65536",
-            convert=positive_int,
-            valid="a positive whole number",
+            convert=lambda v: _at_most(positive_int(v), MAX_FLOWS_LIMIT),
+            valid=f"a whole number from 1 to {MAX_FLOWS_LIMIT}",
         ),
         Option(
             "count_lines",
             "64-byte lines in which the kernel counts repeats of known flows, one cache line per connect "
-            "(a power of two, or off); auto: one per flow the map holds. Ring buffer kernels only",
+            "(a power of two, or off); auto: one per two flows the map holds. Ring buffer kernels only",
             "auto",
             convert=lambda v: _count_lines_option(v),
-            valid="auto, off or a power of two, e.g. 4096",
+            valid=f"auto, off or a power of two up to {MAX_FLOWS_LIMIT}, e.g. 4096",
         ),
         Option(
             "pages",
@@ -648,7 +650,13 @@ def count_line_flags(lines: int) -> tuple[tuple[int, ...], list[str]]:
 
 
 def _count_lines_option(value: str) -> str | int:
-    return value if value in ("auto", "off") else _power_of_two(value)
+    return value if value in ("auto", "off") else _at_most(_power_of_two(value), MAX_FLOWS_LIMIT)
+
+
+def _at_most(number: int, limit: int) -> int:
+    if number > limit:
+        raise ValueError(f"at most {limit}")
+    return number
 
 
 def _power_of_two(value: str) -> int:

@@ -152,11 +152,13 @@ def test_malformed_input_option_names_input_flag() -> None:
         ("input", "ebpf:probe:uprobe", "valid: auto, kprobe, cgroup, tracepoint"),
         ("input", "ebpf:pages:3", "a power of two"),
         ("input", "ebpf:pages:0", "a power of two"),
-        ("input", "ebpf:max_flows:0", "a positive whole number"),
-        ("input", "ebpf:max_flows:abc", "a positive whole number"),
-        ("input", "ebpf:count_lines:3", "auto, off or a power of two"),
+        ("input", "ebpf:max_flows:0", "a whole number from 1 to 16777216"),
+        ("input", "ebpf:max_flows:abc", "a whole number from 1 to 16777216"),
+        ("input", "ebpf:max_flows:16777217", "a whole number from 1 to 16777216"),
+        ("input", "ebpf:count_lines:3", "auto, off or a power of two up to 16777216"),
         ("input", "ebpf:count_lines:0", "auto, off or a power of two"),
         ("input", "ebpf:count_lines:on", "auto, off or a power of two"),
+        ("input", "ebpf:count_lines:33554432", "auto, off or a power of two up to 16777216"),
     ],
 )
 def test_invalid_value_names_what_is_valid(kind: str, option: str, expected: str) -> None:
@@ -323,6 +325,7 @@ def test_count_lines_option_and_how_many_are_built() -> None:
     assert count_lines("auto", 65536, "ringbuf") == 32768
     assert count_lines("auto", 100, "ringbuf") == 64  # one per two flows, rounded up to a power of two
     assert count_lines("auto", 2, "ringbuf") == 1
+    assert count_lines("auto", 1 << 24, "ringbuf") == 1 << 23  # the largest map that may be asked for
     assert count_lines("auto", 1, "ringbuf") == 1
     assert count_lines(4096, 65536, "ringbuf") == 4096
     assert count_lines("off", 65536, "ringbuf") == 0
