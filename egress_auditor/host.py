@@ -240,6 +240,17 @@ def checks() -> list[Check]:
             required=False,
         )
     )
+    stack_argv = kernel_has_helpers("get_current_task_btf", "task_pt_regs")
+    result.append(
+        Check(
+            "command lines read at exec (bpf_task_pt_regs)",
+            stack_argv,
+            "from the new program's stack" if stack_argv else "absent: read at execve entry instead",
+            "kernel 5.15+ with BTF; else syscall tracepoints are used, which slow every syscall of the host "
+            "by about 10 ns while tracing (or run with --no-lineage)",
+            required=False,
+        )
+    )
     if privileged:
         ring = ringbuf_supported()
         result.append(
