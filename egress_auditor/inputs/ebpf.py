@@ -463,9 +463,7 @@ class EbpfInput:
                     )
                 )
             # A flow that repeats gets a slot in its count line: its later repeats are counted there.
-            slot = lines.claim(fp, fp2, raw) if lines is not None and fp else None
-            if slot is not None:
-                assert lines is not None
+            if lines is not None and fp and (slot := lines.claim(fp, fp2, raw)) is not None:
                 lines.map_count[slot] = count
                 count += lines.count(slot)
                 last_ns = max(last_ns, lines.last_ns(slot))
