@@ -14,7 +14,10 @@ loaded. With --runtime, also each build's run time per connect as the kernel
 times it (kernel.bpf_stats_enabled, on for the run: it adds its own clock
 reads, the same to every build): far less noisy than the connect rate, which
 moves a few percent from second to second here, but blind to what a program
-costs the connect path around it. Prints a table; writes nothing. Needs root."""
+costs the connect path around it. The rates of a --runtime run are not the
+bench's: those clock reads wait for the program's loads, so a cache miss
+costs its whole latency there, where without them it overlaps with the
+connect's own work. Prints a table; writes nothing. Needs root."""
 
 from __future__ import annotations
 
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bpf.cleanup()
     summary: dict[str, Any] = {}
     runtime_head = "   program run time per connect (median, IQR)" if args.runtime else ""
+    if args.runtime:
+        print("\n(rates under kernel.bpf_stats_enabled: a program's cache misses weigh more than in the bench)")
     print(f"\n{'state':12s} {'rate / off (median, IQR)':28s} client CPU per connect - off (median){runtime_head}")
     for state in states:
         ratio = Spread.of([on / off for on, off in zip(rate[state], rate["off"], strict=True)])
