@@ -6,7 +6,8 @@ and an empty one: connect rate and the load generator's CPU per connect, the
 states alternating round by round in one session (this machine's noise is a
 few percent from second to second). A VARIANT is NAME=FLAG,FLAG,...: the same
 build with extra compiler flags (-DNAME for a scratch #ifdef in the source;
--UEA_COUNT_LINES for the flow map alone). As the auditor's sync would, every
+-UEA_COUNT_LINES for the flow map alone; -UEA_TASK_COMM for names and uids
+read by the helpers). As the auditor's sync would, every
 flow gets a count line slot once the map is filled.
 The load is bench/run.py's: TCP connects over --flows flows in turn. Only the
 connect program runs: user space, the lineage and the other hooks are not
@@ -51,12 +52,12 @@ def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
     """The BPF object and its connect4 function, built as the auditor builds it by default, plus flags."""
     from bcc import BPF, BPFAttachType
 
-    from egress_auditor.inputs.ebpf import count_line_flags, count_lines, plan_attach, program_text
+    from egress_auditor.inputs.ebpf import count_line_flags, count_lines, identity_flags, plan_attach, program_text
 
     plan = plan_attach("auto", "auto")
     if plan.path != "cgroup":
         raise SystemExit(f"connect_variants: the auditor would not use the cgroup connect hook here ({plan.reason})")
-    cflags = [f"-I{src}", *plan.cflags()]
+    cflags = [f"-I{src}", *plan.cflags(), *identity_flags()]  # the helpers where the auditor falls back to them
     lines = count_lines("auto", MAX_FLOWS, plan.buffer)
     if lines:
         cflags += count_line_flags(lines)[1]

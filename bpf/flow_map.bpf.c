@@ -171,15 +171,52 @@ static __always_inline void emit(void *ctx, struct ea_connect_event *ev)
 #endif
 }
 
+#ifdef EA_TASK_COMM
+/* The bytes of a name word up to its first NUL, the rest zero; `more`: set
+ * to 0 once a NUL is found. The lowest byte flagged by the zero-byte test is
+ * the first NUL (a borrow only runs upward from it). */
+static __always_inline u64 name_word(u64 word, u64 *more)
+{
+    u64 nul = (word - 0x0101010101010101ULL) & ~word & 0x8080808080808080ULL;
+    u64 keep = nul ? ((nul & -nul) >> 7) - 1 : ~0ULL;
+    word &= keep & *more;
+    if (nul)
+        *more = 0;
+    return word;
+}
+
+/* A task's 16 name bytes as bpf_get_current_comm gives them: up to 15 bytes
+ * to the first NUL, zero after (the kernel pads names with zeros when it
+ * sets them, but the flow key must not depend on that). */
+static __always_inline void task_name(u64 head, u64 tail, char *comm)
+{
+    u64 more = ~0ULL;
+    head = name_word(head, &more);
+    tail = name_word(tail, &more) & 0x00FFFFFFFFFFFFFFULL;
+    __builtin_memcpy(&comm[0], &head, 8);
+    __builtin_memcpy(&comm[8], &tail, 8);
+}
+#endif
+
 /* Who is connecting, from the current task: valid in process context only.
  * The flow key holds the uid and the name; the rest is read only for the
- * connects that leave for user space (fill_task). */
+ * connects that leave for user space (fill_task). With the offsets from the
+ * kernel's BTF (task_fields.py), read from the task in a few loads where the
+ * two helpers take about 70 ns. */
 static __always_inline void fill_key_identity(struct ea_connect_event *ev)
 {
+#ifdef EA_TASK_COMM
+    const char *task = (const char *)bpf_get_current_task_btf();
+    const char *cred = *(const char *const *)(task + EA_TASK_CRED);
+    ev->uid = *(const u32 *)(cred + EA_CRED_UID);
+    ev->gid = *(const u32 *)(cred + EA_CRED_GID);
+    task_name(*(const u64 *)(task + EA_TASK_COMM), *(const u64 *)(task + EA_TASK_COMM + 8), ev->comm);
+#else
     u64 ids = bpf_get_current_uid_gid();
     ev->uid = (u32)ids;
     ev->gid = ids >> 32;
     bpf_get_current_comm(&ev->comm, sizeof(ev->comm));
+#endif
 }
 
 static __always_inline void fill_task(struct ea_connect_event *ev)
@@ -284,7 +321,6 @@ static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev
     if (!command_cgroups.lookup(&ev->cgroup_id))
         return;
 #endif
-    count_stat(EA_STAT_CONNECTS);
     __builtin_memcpy(key.daddr, ev->daddr, sizeof(key.daddr));
     key.uid = ev->uid;
     key.dport = ev->dport;

@@ -18,7 +18,7 @@ OnCount = Callable[[FlowKey, int, float], None]
 
 @dataclass
 class InputStats:
-    connects: int = 0  # connects the kernel saw, repeats included
+    connects: int = 0  # connects counted apart from the flows handed over, repeats included (netfilter)
     events_lost: int = 0  # events the kernel could not deliver
     map_full: int = 0  # connects that found the flow map full (sent one by one)
 

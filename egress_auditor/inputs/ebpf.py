@@ -29,12 +29,13 @@ from egress_auditor.dns import DnsNames
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
 from egress_auditor.inputs.count_lines import LINE_MUL, CountLines, line_bits
+from egress_auditor.inputs.task_fields import task_fields
 from egress_auditor.model import Connection, Family, FlowKey, Process, Protocol
 from egress_auditor.plugins import Option, Plugin, positive_int
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 EVENT_NEW_FLOW, EVENT_MAP_FULL = 1, 2
-STAT_CONNECTS, STAT_EVENTS_LOST, STAT_MAP_FULL = 0, 1, 2
+STAT_EVENTS_LOST, STAT_MAP_FULL = 0, 1  # bpf/events.h: EA_STAT_*
 
 
 def bpf_source_dir() -> Path:
@@ -266,6 +267,7 @@ class EbpfInput:
         self._command_cgroup: tuple[int, int] | None = None  # (id, depth): see restrict_to_cgroup
         self._lines: CountLines | None = None
         self.fingerprint_key: tuple[int, ...] = ()  # the 12 NH keys of the count lines' fingerprints
+        self.identity_from_task = False  # names and uids read from the task through BTF, not by helpers
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this maps it to wall time.
         self._epoch_offset = time.time() - time.monotonic()
 
@@ -281,8 +283,6 @@ class EbpfInput:
                 )
             mounted = "; mounted tracefs at /sys/kernel/tracing"
         self.plan = plan_attach(self.options["probe"], self.options["buffer"], self.options["udp"], self.options["dns"])
-        from bcc import BPF  # imported late: `list` and `doctor` work without BCC
-
         src = bpf_source_dir()
         cflags = [
             f"-I{src}",
@@ -297,8 +297,9 @@ class EbpfInput:
         if lines:
             self.fingerprint_key, line_flags = count_line_flags(lines)
             cflags += line_flags
+        identity = identity_flags()
         try:
-            self.bpf = BPF(text=program_text(self.plan.pieces(), src), cflags=cflags)
+            self.bpf = self._build(program_text(self.plan.pieces(), src), cflags, identity)
             if lines:
                 self._lines = CountLines(self.bpf["count_lines"].map_fd, lines)
             if self.plan.path == "kprobe":
@@ -318,7 +319,36 @@ class EbpfInput:
         except Exception as exc:  # BCC raises bare Exception for compile and attach failures
             self.close()
             raise AuditorError(f"could not load the BPF programs ({self.plan.describe()}): {exc}") from exc
-        return self.plan.describe() + mounted
+        how = "read from the task (BTF)" if self.identity_from_task else "read by helpers"
+        return f"{self.plan.describe()}; names and uids {how}{mounted}"
+
+    def _build(self, text: str, cflags: list[str], identity: list[str]) -> Any:
+        """The BPF object, names and uids read from the task where the kernel lets these programs do
+        so: one whose cgroup programs lack bpf_get_current_task_btf refuses them at load, and gets the
+        helpers instead."""
+        self.identity_from_task = bool(identity)
+        if identity:
+            try:
+                return self._load(text, [*cflags, *identity])
+            except Exception:  # BCC raises bare Exception when the verifier refuses a program
+                self.identity_from_task = False
+        return self._load(text, cflags)
+
+    def _load(self, text: str, cflags: list[str]) -> Any:
+        """Compile, and load the cgroup programs (BCC keeps them for _attach_cgroup): the verifier
+        answers here, before anything is attached."""
+        from bcc import BPF, BPFAttachType  # imported late: `list` and `doctor` work without BCC
+
+        assert self.plan is not None
+        built = BPF(text=text, cflags=cflags)
+        try:
+            for function, prog_type, attach_name in self.plan.cgroup_programs():
+                attach_type = getattr(BPFAttachType, attach_name)
+                built.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
+        except Exception:
+            built.cleanup()
+            raise
+        return built
 
     @property
     def lines(self) -> CountLines | None:
@@ -539,9 +569,11 @@ class EbpfInput:
         if self.bpf is None:
             return InputStats()
         table = self.bpf["stats"]
-        counters = [int(table.sum(slot).value) for slot in (STAT_CONNECTS, STAT_EVENTS_LOST, STAT_MAP_FULL)]
-        # perf buffer losses are already counted in the kernel when perf_submit fails.
-        return InputStats(connects=counters[0], events_lost=counters[1], map_full=counters[2])
+        # perf buffer losses are already counted in the kernel when perf_submit fails. Connects are
+        # not counted apart: sync hands each flow's count to the flow table, which adds them up.
+        return InputStats(
+            events_lost=int(table.sum(STAT_EVENTS_LOST).value), map_full=int(table.sum(STAT_MAP_FULL).value)
+        )
 
     def close(self) -> None:
         for link in self._links:
@@ -645,6 +677,15 @@ def count_line_flags(lines: int) -> tuple[tuple[int, ...], list[str]]:
     keys = tuple(int.from_bytes(os.urandom(4), "little") for _ in range(12))
     line = [f"-DEA_COUNT_LINES={lines}", f"-DEA_LINE_BITS={line_bits(lines)}", f"-DEA_LINE_MUL={LINE_MUL:#x}ULL"]
     return keys, [*line, *(f"-DEA_FP_K{i}={k:#x}U" for i, k in enumerate(keys))]
+
+
+def identity_flags() -> list[str]:
+    """Compiler flags that read a connect's process name and uid from the current task (offsets from
+    the kernel's BTF: task_fields.py); none where the kernel lacks them, and the helpers read them."""
+    fields = task_fields()
+    if fields is None or not host.kernel_has_helpers("get_current_task_btf"):
+        return []
+    return fields.cflags()
 
 
 def _count_lines_option(value: str) -> str | int:

@@ -248,7 +248,6 @@ def test_repeats_give_one_event_and_an_exact_kernel_count(open_input: Callable[.
     assert received.counts[key] == repeats
     # The flow was announced by its event: sync() must not hand it over again.
     assert [c for c in received.synced if c.dst == key.dst] == []
-    assert source.stats().connects >= repeats
 
 
 @pytest.mark.parametrize("buffer", ["ringbuf", "perf"])
