@@ -251,6 +251,19 @@ def checks() -> list[Check]:
             required=False,
         )
     )
+    from egress_auditor.inputs.task_fields import task_fields  # late: host is imported by the inputs
+
+    fields = task_fields() if kernel_has_helpers("get_current_task_btf") else None
+    result.append(
+        Check(
+            "names and uids read from the task (kernel BTF)",
+            fields is not None,
+            f"task_struct.comm at byte {fields.comm}, .cred at {fields.cred}" if fields else "absent: read by helpers",
+            "kernel 5.11+ with BTF (CONFIG_DEBUG_INFO_BTF) and libbpf 0.5+; else two helpers read them, "
+            "about 70 ns more per connect",
+            required=False,
+        )
+    )
     if privileged:
         ring = ringbuf_supported()
         result.append(
