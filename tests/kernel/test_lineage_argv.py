@@ -95,6 +95,34 @@ def test_words_come_back_exactly_whatever_they_hold(lineage: LineageTracer) -> N
     assert ev.flags == 0 and ev.filename == TRUE
 
 
+# A 32-bit program that exits at once: no C library needed (int 0x80, exit 0).
+EXIT_AT_ONCE_32 = 'void _start(void) { __asm__ volatile("movl $1, %eax\\n movl $0, %ebx\\n int $0x80"); }\n'
+
+
+@pytest.fixture(scope="module")
+def program_32bit(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A static i386 executable, built by the machine's gcc (-m32 needs no 32-bit C library here)."""
+    where = tmp_path_factory.mktemp("ia32")
+    (where / "exit.c").write_text(EXIT_AT_ONCE_32)
+    binary = where / "exit32"
+    subprocess.run(["gcc", "-m32", "-nostdlib", "-static", "-o", str(binary), str(where / "exit.c")], check=True)
+    assert binary.read_bytes()[4] == 1, "ELFCLASS32"
+    binary.chmod(0o755)
+    return str(binary)
+
+
+def test_a_32_bit_process_words_come_back_exactly(lineage: LineageTracer, program_32bit: str) -> None:
+    """On the stack path a 32-bit image's argv pointers are 4 bytes (its stack lies below 4 GiB)."""
+    words: list[str | bytes] = [program_32bit, "two words", "", "new\nline", "\x1b[31mred", b"\xff\xfe raw"]
+    ev = exec_of(lineage, words)
+    expected = tuple(w if isinstance(w, str) else w.decode("utf-8", "surrogateescape") for w in words)
+    assert ev.args == expected
+    assert ev.flags == 0 and ev.filename == program_32bit
+    long_word = "w" * 600  # cut at the buffer as for a 64-bit image
+    ev = exec_of(lineage, [program_32bit, long_word])
+    assert ev.flags & ARGS_CUT and ev.args == (program_32bit, long_word[: ARGS_SIZE - len(program_32bit) - 1])
+
+
 def test_an_argv_longer_than_the_buffer_is_kept_up_to_it_and_marked_cut(lineage: LineageTracer) -> None:
     ev = exec_of(lineage, [TRUE, "a" * 100, "b" * 600, "c"])
     assert ev.flags & ARGS_CUT
