@@ -253,7 +253,7 @@ def checks() -> list[Check]:
     )
     from egress_auditor.inputs.task_fields import task_fields  # late: host is imported by the inputs
 
-    fields = task_fields() if kernel_has_helpers("get_current_task_btf") else None
+    fields = task_fields()
     result.append(
         Check(
             "names and uids read from the task (kernel BTF)",

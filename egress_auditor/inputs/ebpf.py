@@ -683,9 +683,7 @@ def identity_flags() -> list[str]:
     """Compiler flags that read a connect's process name and uid from the current task (offsets from
     the kernel's BTF: task_fields.py); none where the kernel lacks them, and the helpers read them."""
     fields = task_fields()
-    if fields is None or not host.kernel_has_helpers("get_current_task_btf"):
-        return []
-    return fields.cflags()
+    return fields.cflags() if fields is not None else []
 
 
 def _count_lines_option(value: str) -> str | int:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 TASK_COMM_LEN = 16  # the flow key's name: what bpf_get_current_comm copies
 # BTF type kinds (include/uapi/linux/btf.h)
-KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT = 1, 2, 3, 4
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_ENUM = 1, 2, 3, 4, 6
 KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG = 8, 9, 10, 11, 18
 QUALIFIERS = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
 
@@ -59,6 +59,16 @@ class _Btf:
 
     def find_struct(self, name: str) -> int:
         return int(self.lib.btf__find_by_name_kind(self.handle, name.encode(), KIND_STRUCT))
+
+    def enum_names(self, name: str) -> set[str]:
+        """The value names of an enum (none if the kernel has no such enum)."""
+        enum_id = int(self.lib.btf__find_by_name_kind(self.handle, name.encode(), KIND_ENUM))
+        if enum_id <= 0:
+            return set()
+        enum = self.type(enum_id)
+        words = (ctypes.c_uint32 * (2 * enum.vlen)).from_address(enum.address + 12)  # (name_off, value) pairs
+        names = (self.lib.btf__name_by_offset(self.handle, words[2 * i]) for i in range(enum.vlen))
+        return {name.decode() for name in names if name}
 
     def type(self, type_id: int) -> _Type:
         address = self.lib.btf__type_by_id(self.handle, type_id)
@@ -124,7 +134,8 @@ def _libbpf() -> ctypes.CDLL | None:
 @functools.cache
 def task_fields() -> TaskFields | None:
     """The offsets, checked to be what the programs read (a 16-byte char array at an 8-byte offset, a
-    pointer to struct cred, two 4-byte ids); None where the kernel has no BTF or they are not so."""
+    pointer to struct cred, two 4-byte ids); None where the kernel has no BTF, no
+    bpf_get_current_task_btf helper (5.11+), or they are not so."""
     lib = _libbpf()
     if lib is None:
         return None
@@ -141,6 +152,8 @@ def task_fields() -> TaskFields | None:
 
 
 def _task_fields(btf: _Btf) -> TaskFields | None:
+    if "BPF_FUNC_get_current_task_btf" not in btf.enum_names("bpf_func_id"):
+        return None
     task_id, cred_id = btf.find_struct("task_struct"), btf.find_struct("cred")
     if task_id <= 0 or cred_id <= 0:
         return None
