@@ -162,8 +162,9 @@ def markdown(results: dict[str, Any]) -> str:
         "touch the host's firewall.",
         f"- Ratios: {ratio['n']} rounds without and {ratio['n']} with the tracer, alternating (ABBA), "
         f"{ratio['round_seconds']:g} s each after an untimed pass over every flow and, for the auditor, one sync "
-        "(which gives the known flows their count line slots), so the timed part is the steady state; the figure "
-        "is the median of the per-pair ratios. Medians: "
+        "(which gives the known flows their count line slots), so the timed part is the steady state; rounds "
+        "without the auditor idle as long before their timed part, as an idle vCPU is slow to wake here; the "
+        "figure is the median of the per-pair ratios. Medians: "
         + "; ".join(
             _rates(k.removeprefix("connect_ratio_"), d) for k, d in details.items() if k.startswith("connect_ratio_")
         )
