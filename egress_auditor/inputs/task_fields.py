@@ -157,8 +157,9 @@ def _task_fields(btf: _Btf) -> TaskFields | None:
     task_id, cred_id = btf.find_struct("task_struct"), btf.find_struct("cred")
     if task_id <= 0 or cred_id <= 0:
         return None
+    cred_struct = btf.type(cred_id)
     task = btf.members(btf.type(task_id))
-    cred = btf.members(btf.type(cred_id))
+    cred = btf.members(cred_struct)
     if not {"comm", "cred"} <= task.keys() or not {"uid", "gid"} <= cred.keys():
         return None
     comm_type, comm = task["comm"]
@@ -171,7 +172,7 @@ def _task_fields(btf: _Btf) -> TaskFields | None:
     if char.kind != KIND_INT or char.size_or_type != 1 or length != TASK_COMM_LEN:
         return None
     pointer = btf.resolved(cred_type)
-    if pointer.kind != KIND_PTR or btf.resolved(pointer.size_or_type).address != btf.type(cred_id).address:
+    if pointer.kind != KIND_PTR or btf.resolved(pointer.size_or_type).address != cred_struct.address:
         return None
     ids = []
     for name in ("uid", "gid"):
