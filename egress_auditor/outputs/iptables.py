@@ -11,11 +11,13 @@ from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
 from egress_auditor.plugins import Option, Plugin
+from egress_auditor.policy import Policy, policy_options
 from egress_auditor.provenance import VERBOSE_OPTION, header_lines, rule_lines
 from egress_auditor.rules import comment_text
 from egress_auditor.scope import SCOPES, ScopedRule
 
 ESTABLISHED = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+LOOPBACK = "-o lo -j ACCEPT"
 # Without neighbour discovery a DROP policy cuts IPv6 off entirely.
 NDP_TYPES = ("router-solicitation", "neighbour-solicitation", "neighbour-advertisement")
 
@@ -59,46 +61,64 @@ def scope_lines(rules: list[ScopedRule], scope: str) -> list[str]:
     return lines
 
 
-def render_commands(rules: list[ScopedRule], summary: Summary, verbose: int, drop: bool, scope: str = "none") -> str:
+def audit_target(policy: Policy) -> str:
+    """What the audit rule does to a packet no allow rule took: log it to NFLOG and let it pass."""
+    return f'-j NFLOG --nflog-group {policy.log_group} --nflog-prefix "{policy.log_prefix}"'
+
+
+def render_commands(
+    rules: list[ScopedRule], summary: Summary, verbose: int, policy: Policy, scope: str = "none"
+) -> str:
     lines = ["#!/bin/sh", *("# " + comment_line(h) for h in header_lines(summary)), *scope_lines(rules, scope)]
+    lines.extend(f"# {line}" for line in policy.explain())
     if not rules:
         lines.append("# no connections seen")
     for scoped in rules:
         binary = "iptables" if scoped.rule.family is Family.IPV4 else "ip6tables"
         lines.extend(describe_rule(scoped, verbose))
         lines.append(f"{binary} -I OUTPUT {rule_spec(scoped)}")
-    if drop:
+    if policy.guarded:
         # -I puts each rule first: these go last so they end up on top.
-        lines.append("# default deny: only the connections above (and replies) are allowed")
         for ndp in NDP_TYPES:
             lines.append(f"ip6tables -I OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT")
         lines.append(f"iptables -I OUTPUT {ESTABLISHED}")
         lines.append(f"ip6tables -I OUTPUT {ESTABLISHED}")
+        if policy.loopback_first:
+            lines.append(f"iptables -I OUTPUT {LOOPBACK}")
+            lines.append(f"ip6tables -I OUTPUT {LOOPBACK}")
+    if policy.audit:
+        lines.append(f"iptables -A OUTPUT {audit_target(policy)}")
+        lines.append(f"ip6tables -A OUTPUT {audit_target(policy)}")
+    if policy.drop:
         lines.append("iptables -P OUTPUT DROP")
         lines.append("ip6tables -P OUTPUT DROP")
     return "\n".join(lines) + "\n"
 
 
 def render_restore(
-    rules: list[ScopedRule], summary: Summary, family: Family, verbose: int, drop: bool, scope: str = "none"
+    rules: list[ScopedRule], summary: Summary, family: Family, verbose: int, policy: Policy, scope: str = "none"
 ) -> str:
-    policy = "DROP" if drop else "ACCEPT"
     lines = [
         *("# " + comment_line(h) for h in header_lines(summary)),
         *scope_lines([s for s in rules if s.rule.family is family], scope),
+        *(f"# {line}" for line in policy.explain()),
         f"# {family.label} rules for {'ip6tables' if family is Family.IPV6 else 'iptables'}-restore",
         "*filter",
         ":INPUT ACCEPT [0:0]",
         ":FORWARD ACCEPT [0:0]",
-        f":OUTPUT {policy} [0:0]",
-        f"-A OUTPUT {ESTABLISHED}",
+        f":OUTPUT {'DROP' if policy.drop else 'ACCEPT'} [0:0]",
     ]
+    if policy.guarded and policy.loopback_first:
+        lines.append(f"-A OUTPUT {LOOPBACK}")
+    lines.append(f"-A OUTPUT {ESTABLISHED}")
     if family is Family.IPV6:
         lines.extend(f"-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT" for ndp in NDP_TYPES)
     for scoped in rules:
         if scoped.rule.family is family:
             lines.extend(describe_rule(scoped, verbose))
             lines.append(f"-A OUTPUT {rule_spec(scoped)}")
+    if policy.audit:
+        lines.append(f"-A OUTPUT {audit_target(policy)}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -125,7 +145,7 @@ class IptablesOutput:
     def __init__(self, options: dict[str, Any]) -> None:
         self.format: str = options["format"]
         self.verbose: int = options["verbose"]
-        self.drop: bool = options["policy"] == "drop"
+        self.policy = Policy.from_options(options)
         self.dir: str = options["dir"]
         self.scope: str = options["scope"]
 
@@ -137,11 +157,11 @@ class IptablesOutput:
         if self.dir:
             target = Path(self.dir)
             for family, filename in ((Family.IPV4, "rules.v4"), (Family.IPV6, "rules.v6")):
-                text = render_restore(rules, summary, family, self.verbose, self.drop, self.scope)
+                text = render_restore(rules, summary, family, self.verbose, self.policy, self.scope)
                 write_atomically(target / filename, text)
         if self.format == "restore":
-            return render_restore(rules, summary, Family.IPV4, self.verbose, self.drop, self.scope)
-        return render_commands(rules, summary, self.verbose, self.drop, self.scope)
+            return render_restore(rules, summary, Family.IPV4, self.verbose, self.policy, self.scope)
+        return render_commands(rules, summary, self.verbose, self.policy, self.scope)
 
 
 PLUGIN = Plugin(
@@ -157,12 +177,7 @@ PLUGIN = Plugin(
             ("commands", "restore"),
         ),
         VERBOSE_OPTION,
-        Option(
-            "policy",
-            "drop: also set a default DROP policy on OUTPUT (after allowing replies)",
-            "accept",
-            ("accept", "drop"),
-        ),
+        *policy_options("a default DROP policy on OUTPUT", "-o lo"),
         Option(
             "dir",
             "also write DIR/rules.v4 and DIR/rules.v6 in restore format (the layout iptables-persistent loads)",

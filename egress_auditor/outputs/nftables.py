@@ -16,6 +16,7 @@ from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
 from egress_auditor.outputs.iptables import write_atomically
 from egress_auditor.plugins import Option, Plugin
+from egress_auditor.policy import Policy, policy_options
 from egress_auditor.provenance import VERBOSE_OPTION, header_lines, rule_lines
 from egress_auditor.rules import comment_text
 from egress_auditor.scope import ScopedRule
@@ -57,7 +58,7 @@ def _set_name(family: Family) -> str:
     return f"allow_{family.label.lower()}"
 
 
-def render(flows: list[Flow], summary: Summary, verbose: int, drop: bool, scope: str) -> str:
+def render(flows: list[Flow], summary: Summary, verbose: int, policy: Policy, scope: str) -> str:
     scoped = scoped_rules(flows, scope)
     by_uid = scope != "none"
     sets: dict[Family, list[ScopedRule]] = {}
@@ -70,6 +71,7 @@ def render(flows: list[Flow], summary: Summary, verbose: int, drop: bool, scope:
 
     lines = ["#!/usr/sbin/nft -f", *(f"# {comment_line(h)}" for h in header_lines(summary))]
     lines.append(f"# scope: {scope}; loads in one transaction and replaces only table inet {TABLE}")
+    lines.extend(f"# {line}" for line in policy.explain())
     if any(s.cgroup for s in scoped):
         lines.append("# socket cgroupv2 paths are looked up when the file is loaded: each cgroup must exist then")
     lines += [f"table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
@@ -83,10 +85,13 @@ def render(flows: list[Flow], summary: Summary, verbose: int, drop: bool, scope:
             lines += _comments(_explain(s, verbose), "\t\t\t")
             lines.append(f'\t\t\t{element} comment "{nft_comment(comment_text(s.rule))}",')
         lines += ["\t\t}", "\t}", ""]
-    policy = "drop" if drop else "accept"
     lines += [
         "\tchain output {",
-        f"\t\ttype filter hook output priority filter; policy {policy};",
+        f"\t\ttype filter hook output priority filter; policy {'drop' if policy.drop else 'accept'};",
+    ]
+    if policy.guarded and policy.loopback_first:
+        lines.append('\t\toif "lo" accept comment "loopback: local services stay reachable"')
+    lines += [
         "\t\tct state established,related accept",
         "\t\t# without neighbour discovery a drop policy cuts IPv6 off entirely",
         f"\t\t{NDP}",
@@ -100,6 +105,11 @@ def render(flows: list[Flow], summary: Summary, verbose: int, drop: bool, scope:
     for s in singles:
         lines += _comments(_explain(s, verbose), "\t\t")
         lines.append(f'\t\t{_match(s)} accept comment "{nft_comment(comment_text(s.rule))}"')
+    if policy.audit:
+        lines.append(
+            f'\t\tcounter log prefix "{policy.log_prefix}" group {policy.log_group} '
+            'comment "audit: what a drop policy would drop, logged and let through"'
+        )
     lines += ["\t}", "}"]
     return "\n".join(lines) + "\n"
 
@@ -109,7 +119,7 @@ class NftablesOutput:
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.verbose: int = options["verbose"]
-        self.drop: bool = options["policy"] == "drop"
+        self.policy = Policy.from_options(options)
         self.scope: str = options["scope"]
         self.file: str = options["file"]
 
@@ -117,7 +127,7 @@ class NftablesOutput:
         """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
-        text = render(flows, summary, self.verbose, self.drop, self.scope)
+        text = render(flows, summary, self.verbose, self.policy, self.scope)
         if self.file:
             write_atomically(Path(self.file), text)
         return text
@@ -130,12 +140,7 @@ PLUGIN = Plugin(
     factory=NftablesOutput,
     options=(
         VERBOSE_OPTION,
-        Option(
-            "policy",
-            "drop: the output chain drops what was not seen (replies and IPv6 neighbour discovery stay allowed)",
-            "accept",
-            ("accept", "drop"),
-        ),
+        *policy_options("the output chain drops what was not seen (IPv6 neighbour discovery stays allowed)", "oif lo"),
         Option(
             "scope",
             "user: allow each destination only for the uid seen (meta skuid); "
