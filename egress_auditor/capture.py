@@ -18,7 +18,8 @@ from typing import Any
 
 from egress_auditor.errors import AuditorError, UsageError
 from egress_auditor.flows import FlowTable
-from egress_auditor.model import Attribution, Connection, Family, Flow, FlowKey, Process, Protocol, Summary
+from egress_auditor.model import Attribution, Connection, Evidence, Family, Flow, FlowKey, Process, Protocol, Summary
+from egress_auditor.provenance import STARTUP_S
 from egress_auditor.records import VERSION
 
 _FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6}
@@ -162,6 +163,28 @@ def _read(source: str, runs: dict[str, Run]) -> int:
     return count
 
 
+def _started(run: Run) -> float:
+    if run.summary is not None:
+        return float(run.summary["started"])
+    return min((f.first_seen for f in run.table), default=0.0)
+
+
+def _with_evidence(runs: Iterable[Run]) -> Iterator[Flow]:
+    """Each run's flows, each with where it was seen (its host, its run, whether only at start-up)
+    when there are several runs to weigh; one run's rules read as that run wrote them."""
+    runs = list(runs)
+    all_hosts = len({r.host for r in runs})
+    for run in runs:
+        started = _started(run)
+        for flow in run.table:
+            if len(runs) == 1:
+                yield flow
+                continue
+            startup = flow.last_seen - started < STARTUP_S
+            flow.evidence = Evidence(frozenset({run.host}), frozenset({run.id}), startup, all_hosts)
+            yield flow
+
+
 def _merge(flows: Iterable[Flow]) -> list[Flow]:
     merged: dict[FlowKey, Flow] = {}
     for flow in flows:
@@ -169,9 +192,11 @@ def _merge(flows: Iterable[Flow]) -> list[Flow]:
         if into is None:
             merged[flow.key] = Flow(
                 flow.key, flow.first_seen, flow.last_seen, flow.count,
-                dict(flow.processes), set(flow.inputs), set(flow.hostnames),
+                dict(flow.processes), set(flow.inputs), set(flow.hostnames), flow.evidence,
             )  # fmt: skip
             continue
+        if flow.evidence is not None:
+            into.evidence = flow.evidence if into.evidence is None else into.evidence | flow.evidence
         into.first_seen = min(into.first_seen, flow.first_seen)
         into.last_seen = max(into.last_seen, flow.last_seen)
         into.count += flow.count
@@ -200,7 +225,7 @@ def read_captures(sources: Iterable[str]) -> Capture:
                 f"run {run.id} on {run.host} has no summary (the capture ends early): "
                 "counts and last-seen times are those of each flow's first record"
             )
-    return Capture(_merge(f for run in runs.values() for f in run.table), _summary(runs), len(runs), notes)
+    return Capture(_merge(_with_evidence(runs.values())), _summary(runs), len(runs), notes)
 
 
 def _summary(runs: dict[str, Run]) -> Summary:

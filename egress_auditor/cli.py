@@ -123,6 +123,7 @@ def trace(
 RULES_EPILOG = """Examples:\n
   egress-auditor rules --from web-1.jsonl --from web-2.jsonl -o nftables > egress.nft\n
   egress-auditor rules --from flows.jsonl -O iptables:format:restore -O iptables:policy:drop > rules.v4\n
+  egress-auditor rules --from web-1.jsonl --from web-2.jsonl --from web-3.jsonl --min-hosts 2 -O iptables:verbose:1\n
   logcli query --output raw '{job="egress-auditor"}' | egress-auditor rules --from - -o nftables"""
 
 # Outputs that stream records rather than render rules: nothing to rebuild them from.
@@ -136,10 +137,14 @@ def rules(
     ),
     outputs: list[str] = typer.Option([], "--output", "-o", help="Output plugin (repeatable); default iptables."),
     output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
+    min_hosts: int = typer.Option(
+        1, "--min-hosts", min=1, help="Keep only rules seen on at least N hosts; list the others in the header."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
     """Write the rules for saved captures, merging hosts and runs; needs no kernel access."""
     from egress_auditor.capture import read_captures
+    from egress_auditor.review import keep_seen_on
 
     if not sources:
         raise UsageError("rules needs at least one --from FILE: a capture written by trace -o json")
@@ -148,7 +153,11 @@ def rules(
     capture = read_captures(sources)
     for note in capture.notes:
         print(f"egress-auditor: {note}", file=sys.stderr)
-    texts = [output.finish(capture.flows, capture.summary) for output in output_sel.create()]
+    flows, left_out = keep_seen_on(capture.flows, min_hosts)
+    if left_out:
+        capture.summary.notes.extend(left_out)
+        print(f"egress-auditor: {left_out[0].rstrip(':')}, listed in the header", file=sys.stderr)
+    texts = [output.finish(flows, capture.summary) for output in output_sel.create()]
     sys.stdout.write("".join(texts))
     sys.stdout.flush()
     print(

@@ -195,6 +195,24 @@ class FewMap(MutableMapping[K, V]):
         return f"{type(self).__name__}({dict(self)!r})"
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """Where saved captures saw a flow (or a rule): for review across hosts and runs."""
+
+    hosts: frozenset[str]
+    runs: frozenset[str]
+    startup_only: bool  # in every run that saw it, only within the run's first minute
+    all_hosts: int  # hosts in all the captures read, seen there or not
+
+    def __or__(self, other: Evidence) -> Evidence:
+        return Evidence(
+            self.hosts | other.hosts,
+            self.runs | other.runs,
+            self.startup_only and other.startup_only,
+            max(self.all_hosts, other.all_hosts),
+        )
+
+
 @dataclass(slots=True)
 class Flow:
     """Held for every flow of a run: kept small (slots, FewMap, FewSet) so 100,000 flows fit in tens of MB."""
@@ -206,6 +224,7 @@ class Flow:
     processes: MutableMapping[tuple[int, float | None], Process] = field(default_factory=FewMap)
     inputs: MutableSet[str] = field(default_factory=FewSet)
     hostnames: MutableSet[str] = field(default_factory=FewSet)
+    evidence: Evidence | None = None  # only for flows read back from captures
 
     def add(self, conn: Connection, process_key: tuple[int, float | None] | None = None) -> None:
         """Record a connection; process_key, when given, is (pid, start time) of conn.process, shared."""
@@ -232,3 +251,4 @@ class Summary:
     connects: int = 0
     events_lost: int = 0
     map_full: int = 0
+    notes: list[str] = field(default_factory=list)  # more header lines, e.g. what a review left out

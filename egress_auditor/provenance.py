@@ -29,6 +29,7 @@ def header_lines(summary: Summary) -> list[str]:
         f"connections: {summary.connects}, events lost: {lost}"
         + (" (flows recovered from the kernel's flow map)" if lost else "")
         + (f", flow map full: {summary.map_full} connects sent one by one" if summary.map_full else ""),
+        *summary.notes,
     ]
 
 
@@ -50,12 +51,34 @@ def _brief(process: Process) -> str:
     return f"{process.name} ({_user(process)}{service}, {process.attribution.value})"
 
 
+STARTUP_S = 60.0  # traffic seen only this soon after a run started is likely start-up traffic
+
+
+def evidence_lines(rule: Rule) -> list[str]:
+    """Where saved captures saw a rule, and why its evidence may be weak."""
+    evidence = rule.evidence
+    if evidence is None:
+        return []
+    names = ", ".join(sorted(evidence.hosts))
+    seen = f"seen on {len(evidence.hosts)} of {evidence.all_hosts} host(s): {names}"
+    lines = [f"  {seen}; in {len(evidence.runs)} run(s)"]
+    weak = []
+    if rule.count == 1:
+        weak.append("seen once")
+    if evidence.startup_only:
+        weak.append(f"seen only in the first {STARTUP_S:.0f}s of a run (start-up traffic)")
+    if weak:
+        lines.append(f"  weak evidence: {'; '.join(weak)}")
+    return lines
+
+
 def rule_lines(rule: Rule, verbose: int) -> list[str]:
     """What a rule was learned from, before escaping: always first and last
     seen, count, processes and attribution; more with verbose 1 and 2."""
     lines = [
         f"{rule.protocol.name} to {rule.dst} port {rule.dport}: {rule.count} connection(s), "
-        f"first {stamp(rule.first_seen)}, last {stamp(rule.last_seen)}"
+        f"first {stamp(rule.first_seen)}, last {stamp(rule.last_seen)}",
+        *evidence_lines(rule),
     ]
     if rule.hostnames:
         lines.append(f"  asked for as: {', '.join(rule.hostnames)}")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from egress_auditor.model import Family, Flow, IPAddress, Process, Protocol
+from egress_auditor.model import Evidence, Family, Flow, IPAddress, Process, Protocol
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class Rule:
     last_seen: float
     count: int
     hostnames: tuple[str, ...] = ()  # DNS names that led to dst, sorted
+    evidence: Evidence | None = field(default=None, compare=False)  # where saved captures saw it
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -34,6 +35,16 @@ def comment_text(rule: Rule) -> str:
 def _process_order(process: Process) -> tuple[str, str, int, str]:
     # repr breaks ties (same name and pid, other user): set order varies with the hash seed.
     return (process.name, process.command_line, process.pid, repr(process))
+
+
+def _evidence(flows: list[Flow]) -> Evidence | None:
+    found = [f.evidence for f in flows if f.evidence is not None]
+    if not found:
+        return None
+    merged = found[0]
+    for more in found[1:]:
+        merged |= more
+    return merged
 
 
 def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
@@ -56,6 +67,7 @@ def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
                 last_seen=max(f.last_seen for f in members),
                 count=sum(f.count for f in members),
                 hostnames=tuple(sorted({h for f in members for h in f.hostnames})),
+                evidence=_evidence(members),
             )
         )
     return sorted(rules, key=lambda r: (r.family, r.dst, r.protocol, r.dport))

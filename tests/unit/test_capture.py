@@ -208,3 +208,39 @@ def test_records_from_loki_are_the_same_lines(tmp_path: Path) -> None:
     shuffled.write_text("\n".join(reversed(lines)) + "\n")
     assert rules_from_flows(read_captures([str(shuffled)]).flows) == rules_from_flows(read_captures([str(path)]).flows)
     assert all(json.loads(line)["version"] == 1 for line in io.StringIO(shuffled.read_text()))
+
+
+def test_evidence_weighs_hosts_runs_and_start_up(tmp_path: Path) -> None:
+    hostile = "web-2\n# injected\x1b[31m"
+    web1 = [conn(CURL, "192.0.2.10", 443, START + 300, repeats=3), conn(NTP, "203.0.113.5", 123, START + 2)]
+    web2 = [conn(WGET, "192.0.2.10", 443, START + 10)]
+    capture(tmp_path / "a.jsonl", web1, summary(web1), host="web-1")
+    capture(tmp_path / "b.jsonl", web2, summary(web2), host=hostile)
+    got = read_captures([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
+    by_port = {r.dport: r for r in rules_from_flows(got.flows)}
+    https, ntp = by_port[443].evidence, by_port[123].evidence
+    assert https is not None and ntp is not None
+    assert https.hosts == {"web-1", hostile} and len(https.runs) == 2 and https.all_hosts == 2
+    assert not https.startup_only  # web-1 saw it five minutes into its run
+    assert ntp.hosts == {"web-1"} and ntp.startup_only
+    text = render(got.flows, got.summary, "iptables")
+    assert "#   seen on 2 of 2 host(s): web-1, web-2%0A# injected%1B[31m; in 2 run(s)" in text
+    assert "#   weak evidence: seen once; seen only in the first 60s of a run (start-up traffic)" in text
+    assert "\n# injected" not in text and "\x1b" not in text
+    flagged = [line for line in text.splitlines() if "weak evidence" in line]
+    assert len(flagged) == 1  # 443 was seen four times, past the first minute
+
+
+def test_min_hosts_keeps_rules_seen_widely_and_lists_the_rest(tmp_path: Path) -> None:
+    from egress_auditor.review import keep_seen_on
+
+    web1 = [conn(CURL, "192.0.2.10", 443, START), conn(NTP, "203.0.113.5", 123, START + 1)]
+    web2 = [conn(WGET, "192.0.2.10", 443, START + 10)]
+    capture(tmp_path / "a.jsonl", web1, summary(web1), host="web-1")
+    capture(tmp_path / "b.jsonl", web2, summary(web2), host="web-2")
+    got = read_captures([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
+    kept, lines = keep_seen_on(got.flows, 2)
+    assert {f.key.dport for f in kept} == {443}
+    assert lines[0] == "left out: 1 rule(s) seen on fewer than 2 host(s) (--min-hosts 2):"
+    assert lines[1].startswith("  TCP to 203.0.113.5 port 123: 1 connection(s)")
+    assert keep_seen_on(got.flows, 1) == (got.flows, [])
