@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from egress_auditor.errors import AuditorError, UsageError
+from egress_auditor.errors import UsageError
 from egress_auditor.flows import FlowTable
 from egress_auditor.model import Attribution, Connection, Evidence, Family, Flow, FlowKey, Process, Protocol, Summary
 from egress_auditor.provenance import STARTUP_S
@@ -25,8 +25,8 @@ from egress_auditor.records import VERSION
 _FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6}
 
 
-class CaptureError(AuditorError):
-    """A capture that is not what `-o json` writes: names the file and line."""
+class CaptureError(UsageError):
+    """A capture that is not what `-o json` writes: names the file and line; bad input, so status 2."""
 
 
 @dataclass
@@ -169,7 +169,7 @@ def _started(run: Run) -> float:
     return min((f.first_seen for f in run.table), default=0.0)
 
 
-def _with_evidence(runs: Iterable[Run]) -> Iterator[Flow]:
+def _with_evidence(runs: Iterable[Run], always: bool) -> Iterator[Flow]:
     """Each run's flows, each with where it was seen (its host, its run, whether only at start-up)
     when there are several runs to weigh; one run's rules read as that run wrote them."""
     runs = list(runs)
@@ -177,7 +177,7 @@ def _with_evidence(runs: Iterable[Run]) -> Iterator[Flow]:
     for run in runs:
         started = _started(run)
         for flow in run.table:
-            if len(runs) == 1:
+            if len(runs) == 1 and not always:
                 yield flow
                 continue
             startup = flow.last_seen - started < STARTUP_S
@@ -207,8 +207,9 @@ def _merge(flows: Iterable[Flow]) -> list[Flow]:
     return [merged[k] for k in sorted(merged)]
 
 
-def read_captures(sources: Iterable[str]) -> Capture:
-    """Flows and one summary from every run in the given captures ("-": stdin)."""
+def read_captures(sources: Iterable[str], evidence: bool = False) -> Capture:
+    """Flows and one summary from every run in the given captures ("-": stdin); each flow
+    carries where it was seen when there are several runs, or always with `evidence`."""
     runs: dict[str, Run] = {}
     notes: list[str] = []
     for source in sources:
@@ -225,7 +226,7 @@ def read_captures(sources: Iterable[str]) -> Capture:
                 f"run {run.id} on {run.host} has no summary (the capture ends early): "
                 "counts and last-seen times are those of each flow's first record"
             )
-    return Capture(_merge(_with_evidence(runs.values())), _summary(runs), len(runs), notes)
+    return Capture(_merge(_with_evidence(runs.values(), evidence)), _summary(runs), len(runs), notes)
 
 
 def _summary(runs: dict[str, Run]) -> Summary:

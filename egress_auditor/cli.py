@@ -166,6 +166,39 @@ def rules(
     )
 
 
+DIFF_EPILOG = """Examples:\n
+  egress-auditor diff last-week.jsonl this-week.jsonl\n
+  egress-auditor diff --old web-1.jsonl --old web-2.jsonl --new web-1-today.jsonl --json\n
+  egress-auditor diff --exit-code baseline.jsonl new.jsonl || echo "the policy would change"\n"""
+
+
+@app.command("diff", epilog=DIFF_EPILOG)
+def diff_command(
+    files: list[str] = typer.Argument(None, metavar="[OLD.jsonl NEW.jsonl]", show_default=False),
+    old: list[str] = typer.Option([], "--old", help="A capture of the old side (repeatable); - is stdin."),
+    new: list[str] = typer.Option([], "--new", help="A capture of the new side (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of text."),
+    exit_code: bool = typer.Option(False, "--exit-code", help="Exit with 3 when a destination was added or is gone."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    """Destinations added and gone between two sets of captures, with their evidence."""
+    from egress_auditor.capture import read_captures
+    from egress_auditor.diffview import render_json, render_text
+
+    if files and not old and not new and len(files) == 2:
+        old, new = [files[0]], [files[1]]
+    elif files or not old or not new:
+        raise UsageError("diff takes OLD.jsonl NEW.jsonl, or --old FILE --new FILE (each repeatable), not both")
+    before, after = read_captures(old, evidence=True), read_captures(new, evidence=True)
+    for note in before.notes + after.notes:
+        print(f"egress-auditor: {note}", file=sys.stderr)
+    changes = (render_json if as_json else render_text)(before, after)
+    sys.stdout.write(changes.text)
+    sys.stdout.flush()
+    if exit_code and changes.diff.changed:
+        raise typer.Exit(3)
+
+
 def list_plugins() -> None:
     for kind in ("input", "output"):
         flag = "-I" if kind == "input" else "-O"

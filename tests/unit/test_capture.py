@@ -185,7 +185,7 @@ def test_rules_command_default_is_iptables(tmp_path: Path) -> None:
         (("rules", "--from", "/nonexistent.jsonl"), 2, "cannot read capture '/nonexistent.jsonl'"),
         (("rules", "--from", "{path}", "-o", "json"), 2, "unknown output plugin 'json'; valid: iptables, nftables"),
         (("rules", "--from", "{path}", "-O", "nftables:policy:drop"), 2, "is not selected"),
-        (("rules", "--from", "{bad}"), 1, "bad.jsonl:1: not JSON"),
+        (("rules", "--from", "{bad}"), 2, "bad.jsonl:1: not JSON"),
     ],
 )
 def test_rules_command_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], status: int, message: str) -> None:

@@ -1,0 +1,111 @@
+"""What a set of saved captures already covers, and what changed between two
+sets: the destinations added and gone, for a code review of a policy.
+
+A destination is (protocol, family, address, port), as a rule allows it. A
+new address still counts as known when the old captures asked for the same
+DNS name on the same protocol and port: CDNs rotate addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from egress_auditor.model import Family, Flow, IPAddress, Protocol
+from egress_auditor.provenance import stamp
+from egress_auditor.rules import Rule, rules_from_flows
+
+Destination = tuple[Protocol, Family, IPAddress, int]
+
+
+def destination(rule: Rule) -> Destination:
+    return (rule.protocol, rule.family, rule.dst, rule.dport)
+
+
+@dataclass
+class Baseline:
+    """The destinations of some captures, and the names that led to them."""
+
+    rules: dict[Destination, Rule]
+    names: dict[tuple[Protocol, int, str], set[IPAddress]]
+
+    @classmethod
+    def of(cls, flows: Iterable[Flow]) -> Baseline:
+        rules = {destination(r): r for r in rules_from_flows(flows)}
+        names: dict[tuple[Protocol, int, str], set[IPAddress]] = {}
+        for rule in rules.values():
+            for name in rule.hostnames:
+                names.setdefault((rule.protocol, rule.dport, name.lower()), set()).add(rule.dst)
+        return cls(rules, names)
+
+    def known_by_name(self, rule: Rule) -> list[tuple[str, list[IPAddress]]]:
+        """The names of `rule` that the baseline asked for on its protocol and port, with their old addresses."""
+        found = []
+        for name in rule.hostnames:
+            old = self.names.get((rule.protocol, rule.dport, name.lower()))
+            if old:
+                found.append((name, sorted(old)))
+        return found
+
+    def covers(self, rule: Rule) -> bool:
+        return destination(rule) in self.rules or bool(self.known_by_name(rule))
+
+
+@dataclass
+class Diff:
+    added: list[Rule]
+    gone: list[Rule]
+    readdressed: list[tuple[Rule, list[tuple[str, list[IPAddress]]]]]  # new address, known name
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.gone)
+
+
+def diff(old: Iterable[Flow], new: Iterable[Flow]) -> Diff:
+    before, after = Baseline.of(old), Baseline.of(new)
+    added, readdressed = [], []
+    for key, rule in after.rules.items():
+        if key in before.rules:
+            continue
+        names = before.known_by_name(rule)
+        if names:
+            readdressed.append((rule, names))
+        else:
+            added.append(rule)
+    gone = [rule for key, rule in before.rules.items() if key not in after.rules and not after.known_by_name(rule)]
+    return Diff(added, gone, readdressed)
+
+
+def evidence(rule: Rule) -> dict[str, object]:
+    """What a destination was seen with, as plain data (names and processes are the captures' own text)."""
+    hosts = sorted(rule.evidence.hosts) if rule.evidence is not None else []
+    return {
+        "protocol": rule.protocol.name.lower(),
+        "family": rule.family.label.lower(),
+        "dst": str(rule.dst),
+        "dport": rule.dport,
+        "hostnames": list(rule.hostnames),
+        "connections": rule.count,
+        "first_seen": rule.first_seen,
+        "last_seen": rule.last_seen,
+        "first_seen_utc": stamp(rule.first_seen),
+        "last_seen_utc": stamp(rule.last_seen),
+        "processes": sorted({p.name for p in rule.processes}),
+        "users": sorted({p.user or str(p.uid) for p in rule.processes if p.user or p.uid is not None}),
+        "hosts": hosts,
+        "runs": len(rule.evidence.runs) if rule.evidence is not None else 1,
+    }
+
+
+def describe(rule: Rule) -> str:
+    """One line of evidence, before escaping for the terminal."""
+    names = f" ({', '.join(rule.hostnames)})" if rule.hostnames else ""
+    who = ", ".join(sorted({p.name for p in rule.processes})) or "unknown"
+    where = ""
+    if rule.evidence is not None:
+        where = f"; seen on {', '.join(sorted(rule.evidence.hosts))} in {len(rule.evidence.runs)} run(s)"
+    return (
+        f"{rule.protocol.name} {rule.dst} port {rule.dport}{names}: {rule.count} connection(s), "
+        f"first {stamp(rule.first_seen)}, last {stamp(rule.last_seen)}; by {who}{where}"
+    )
