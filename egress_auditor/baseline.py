@@ -9,7 +9,7 @@ DNS name on the same protocol and port: CDNs rotate addresses.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from egress_auditor.model import Family, Flow, IPAddress, Protocol
 from egress_auditor.provenance import stamp
@@ -24,19 +24,38 @@ def destination(rule: Rule) -> Destination:
 
 @dataclass
 class Baseline:
-    """The destinations of some captures, and the names that led to them."""
+    """The destinations of some captures, the names that led to them, and who reached each."""
 
     rules: dict[Destination, Rule]
     names: dict[tuple[Protocol, int, str], set[IPAddress]]
+    uids: dict[Destination, set[int]] = field(default_factory=dict)
+    cgroups: dict[Destination, set[str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, flows: Iterable[Flow]) -> Baseline:
+        flows = list(flows)
         rules = {destination(r): r for r in rules_from_flows(flows)}
         names: dict[tuple[Protocol, int, str], set[IPAddress]] = {}
         for rule in rules.values():
             for name in rule.hostnames:
                 names.setdefault((rule.protocol, rule.dport, name.lower()), set()).add(rule.dst)
-        return cls(rules, names)
+        uids: dict[Destination, set[int]] = {}
+        cgroups: dict[Destination, set[str]] = {}
+        for flow in flows:
+            k = flow.key
+            where = (k.protocol, k.family, k.dst, k.dport)
+            uids.setdefault(where, set()).add(k.uid)
+            cgroups.setdefault(where, set()).update(p.cgroup for p in flow.processes.values() if p.cgroup)
+        return cls(rules, names, uids, cgroups)
+
+    def destinations_of(self, protocol: Protocol, family: Family, dst: IPAddress, port: int,
+                        hostnames: Iterable[str]) -> list[Destination]:  # fmt: skip
+        """The baseline's destinations that cover this one: itself, or those reached by one of its names."""
+        found = [(protocol, family, dst, port)] if (protocol, family, dst, port) in self.rules else []
+        for name in hostnames:
+            for old in self.names.get((protocol, port, name.lower()), ()):
+                found.append((protocol, Family.IPV4 if old.version == 4 else Family.IPV6, old, port))
+        return found
 
     def known_by_name(self, rule: Rule) -> list[tuple[str, list[IPAddress]]]:
         """The names of `rule` that the baseline asked for on its protocol and port, with their old addresses."""

@@ -154,6 +154,8 @@ def _read(source: str, runs: dict[str, Run]) -> int:
                     )
             elif record["type"] == "summary":
                 run.summary = record
+            elif record["type"] == "drift":
+                pass  # the same connection's flow record carries it
             else:
                 raise ValueError(f"unknown record type {record['type']!r}")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:

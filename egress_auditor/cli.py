@@ -37,7 +37,8 @@ TRACE_EPILOG = """Examples:\n
   sudo egress-auditor trace -O iptables:format:restore -O iptables:policy:drop > rules.v4\n
   sudo egress-auditor -i ebpf -o iptables -O iptables:verbose:2   (the Go tool's form)\n
   sudo egress-auditor trace -O iptables:scope:cgroup -t 1h   (each rule only for the service that needed it)\n
-  sudo egress-auditor trace -- pip install -r requirements.txt > rules.sh   (one command, run as you)"""
+  sudo egress-auditor trace -- pip install -r requirements.txt > rules.sh   (one command, run as you)\n
+  sudo egress-auditor trace --baseline ci-egress.jsonl -- make test   (exit 3 if it talks to something new)"""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
@@ -84,6 +85,11 @@ def trace(
     no_lineage: bool = typer.Option(
         False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
     ),
+    baselines: list[str] = typer.Option(
+        [],
+        "--baseline",
+        help="Captures of known traffic (repeatable): report only what they do not cover; exit 3 if anything drifted.",
+    ),
     command: list[str] = typer.Argument(
         None,
         metavar="[-- CMD ARGS...]",
@@ -102,6 +108,17 @@ def trace(
     seconds = parse_duration(duration) if duration is not None else None
     input_sel = select("input", inputs, input_options, default="ebpf")
     output_sel = select("output", outputs, output_options, default="iptables")
+    drift = None
+    if baselines:
+        from egress_auditor.baseline import Baseline
+        from egress_auditor.capture import read_captures
+        from egress_auditor.drift import DriftWatch, strictest
+
+        known = read_captures(baselines)
+        for note in known.notes:
+            print(f"egress-auditor: baseline: {note}", file=sys.stderr)
+        scope = strictest(str(o.get("scope", "none")) for o in output_sel.chosen.values())
+        drift = DriftWatch(Baseline.of(known.flows), scope, ", ".join(baselines))
     table = FlowTable()
     console = Console(stderr=True)
     # The command's own output shares the terminal: one line per flow reads better than a redrawn table.
@@ -116,6 +133,7 @@ def trace(
         table=table,
         lineage=None if no_lineage else LineageTracer(),
         command=AuditedCommand(command, user=invoking_user()) if command else None,
+        drift=drift,
     )
     raise typer.Exit(run.run())
 
@@ -125,9 +143,6 @@ RULES_EPILOG = """Examples:\n
   egress-auditor rules --from flows.jsonl -O iptables:format:restore -O iptables:policy:drop > rules.v4\n
   egress-auditor rules --from web-1.jsonl --from web-2.jsonl --from web-3.jsonl --min-hosts 2 -O iptables:verbose:1\n
   logcli query --output raw '{job="egress-auditor"}' | egress-auditor rules --from - -o nftables"""
-
-# Outputs that stream records rather than render rules: nothing to rebuild them from.
-STREAMING_OUTPUTS = ("json", "loki")
 
 
 @app.command(epilog=RULES_EPILOG)
@@ -144,11 +159,12 @@ def rules(
 ) -> None:
     """Write the rules for saved captures, merging hosts and runs; needs no kernel access."""
     from egress_auditor.capture import read_captures
+    from egress_auditor.records import RECORD_OUTPUTS
     from egress_auditor.review import keep_seen_on
 
     if not sources:
         raise UsageError("rules needs at least one --from FILE: a capture written by trace -o json")
-    firewalls = {n: p for n, p in registered("output").items() if n not in STREAMING_OUTPUTS}
+    firewalls = {n: p for n, p in registered("output").items() if n not in RECORD_OUTPUTS}
     output_sel = select("output", outputs, output_options, default="iptables", available=firewalls)
     capture = read_captures(sources)
     for note in capture.notes:

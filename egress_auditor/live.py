@@ -12,7 +12,7 @@ from rich.text import Text
 
 from egress_auditor.escape import terminal_text
 from egress_auditor.flows import FlowTable
-from egress_auditor.model import Connection, Flow, Protocol
+from egress_auditor.model import Connection, Flow, FlowKey, Protocol
 from egress_auditor.services import port_label
 
 
@@ -51,6 +51,9 @@ class PlainLog:
         if is_new:
             print(new_flow_line(conn), file=self.stream, flush=True)
 
+    def drift(self, conn: Connection, flow: Flow) -> None:
+        print(f"drift: {new_flow_line(conn)}", file=self.stream, flush=True)
+
     def refresh(self, status: dict[str, str]) -> None:
         pass
 
@@ -74,6 +77,7 @@ class LiveTable:
         self.status: dict[str, str] = {}
         self.live: Live | None = None
         self._drawn = 0.0
+        self.drifted: set[FlowKey] = set()
 
     def start(self, status: dict[str, str]) -> None:
         self.status = status
@@ -89,6 +93,11 @@ class LiveTable:
 
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
         pass  # the table is redrawn from the flow table on refresh
+
+    def drift(self, conn: Connection, flow: Flow) -> None:
+        self.drifted.add(flow.key)
+        # Printed through the live display's console: it goes above the table, which stays whole.
+        self.console.print(Text(f"drift: {new_flow_line(conn)}", style="bold red"))
 
     def refresh(self, status: dict[str, str]) -> None:
         self.status = status
@@ -115,7 +124,9 @@ class LiveTable:
             name = process.name if process else key.comm
             user = (process.user if process and process.user else None) or str(key.uid)
             table.add_row(
-                Text(terminal_text(name)),
+                Text(f"DRIFT {terminal_text(name)}", style="bold red")
+                if key in self.drifted
+                else Text(terminal_text(name)),
                 Text(terminal_text(user)),
                 Text(terminal_text(", ".join(sorted({p.service for p in flow.processes.values() if p.service})))),
                 key.protocol.name,

@@ -15,6 +15,8 @@ from egress_auditor.model import Connection, Flow, Process, Summary
 
 VERSION = 1
 SCHEMA_FILE = "flow-v1.json"
+# Outputs that stream these records rather than render rules.
+RECORD_OUTPUTS = ("json", "loki")
 
 
 def schema() -> dict[str, Any]:
@@ -70,6 +72,11 @@ def flow_record(conn: Connection, run: str, host: str) -> dict[str, Any]:
         "repeats": conn.repeats,
         "process": process_record(conn.process),
     }
+
+
+def drift_record(conn: Connection, run: str, host: str) -> dict[str, Any]:
+    """A new flow that the baseline does not cover: the flow record, typed drift."""
+    return {**flow_record(conn, run, host), "type": "drift"}
 
 
 def totals_record(flow: Flow) -> dict[str, Any]:

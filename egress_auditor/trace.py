@@ -27,11 +27,13 @@ from typing import Any, TextIO
 
 from egress_auditor.cgroups import CgroupResolver
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
+from egress_auditor.drift import EXIT_DRIFT, DriftWatch
 from egress_auditor.escape import terminal_text
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs import InputStats
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
 from egress_auditor.process import Attributor, ProcessResolver
+from egress_auditor.records import RECORD_OUTPUTS
 
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
@@ -59,6 +61,7 @@ class TraceRun:
     lineage: Any = None  # lineage.LineageTracer; None: /proc at event time only
     command: AuditedCommand | None = None
     cgroups: CgroupResolver = field(default_factory=CgroupResolver)
+    drift: DriftWatch | None = None  # with a baseline: report and write rules for what it does not cover
 
     def __post_init__(self) -> None:
         self._stop_reason: str | None = None
@@ -117,6 +120,10 @@ class TraceRun:
         flow, is_new = self.table.add(conn)
         for sink in (*self.outputs, self.display):
             self._deliver(sink, lambda s: s.connection(conn, flow, is_new))
+        if is_new and self.drift is not None and not self.drift.covers(flow):
+            for sink in (*self.outputs, self.display):
+                if hasattr(sink, "drift"):
+                    self._deliver(sink, lambda s: s.drift(conn, flow))
 
     def _deliver(self, sink: Any, call: Callable[[Any], None]) -> None:
         name = getattr(sink, "name", type(sink).__name__)
@@ -341,9 +348,16 @@ class TraceRun:
             map_full=stats.map_full,
         )
         flows: list[Flow] = list(self.table)
+        ruled, drifted = flows, None
+        if self.drift is not None:
+            # Decided on the final flows: a DNS name applied after the connect can still cover it.
+            ruled = drifted = self.drift.drifted(flows)
+            note = f"drift: {len(drifted)} of {len(flows)} flows not covered by the baseline {self.drift.source}"
+            summary.notes.append(note + "; the rules below allow those alone")
         texts: list[str] = []
         for sink in self.outputs:
-            self._deliver(sink, lambda s: texts.append(s.finish(flows, summary)))
+            mine = flows if getattr(sink, "name", "") in RECORD_OUTPUTS else ruled
+            self._deliver(sink, lambda s, mine=mine: texts.append(s.finish(mine, summary)))
         # One write, so a redirect never holds half the rules.
         self.stdout.write("".join(texts))
         self.stdout.flush()
@@ -354,6 +368,9 @@ class TraceRun:
             reason += f", exit status {self._exit_status}; {self._outside} connections from outside it not recorded"
         print(
             f"egress-auditor: stopped ({reason}): {len(flows)} flows, {summary.connects} connections, "
-            f"{summary.events_lost} events lost",
+            f"{summary.events_lost} events lost"
+            + (f", {len(drifted)} drifted from the baseline" if drifted is not None else ""),
             file=self.stderr,
         )
+        if drifted and self._exit_status == 0:
+            self._exit_status = EXIT_DRIFT

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 from egress_auditor.errors import UsageError
 from egress_auditor.model import Connection, Flow, Summary
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.records import flow_record, line, summary_record
+from egress_auditor.records import drift_record, flow_record, line, summary_record
 
 
 class JsonLinesOutput:
@@ -45,6 +45,9 @@ class JsonLinesOutput:
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
         if is_new:
             self._write(line(flow_record(conn, self.run, self.host)))
+
+    def drift(self, conn: Connection, flow: Flow) -> None:
+        self._write(line(drift_record(conn, self.run, self.host)))
 
     def reopen(self) -> None:
         """SIGHUP: close the file and open the path again (a new file after rotation)."""

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from egress_auditor.errors import UsageError
 from egress_auditor.model import Connection, Flow, Summary
 from egress_auditor.plugins import Option, Plugin, positive_int
-from egress_auditor.records import flow_record, summary_record
+from egress_auditor.records import drift_record, flow_record, summary_record
 
 PUSH_PATH = "/loki/api/v1/push"
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus label names, as Loki takes them
@@ -160,6 +160,10 @@ class LokiOutput:
         if is_new:
             line = json.dumps(flow_record(conn, self.run, self.host), ensure_ascii=True, separators=(",", ":"))
             self._enqueue(Entry(self._labels("flow", conn), int(conn.time * 1_000_000) * 1000, line))
+
+    def drift(self, conn: Connection, flow: Flow) -> None:
+        line = json.dumps(drift_record(conn, self.run, self.host), ensure_ascii=True, separators=(",", ":"))
+        self._enqueue(Entry(self._labels("drift", conn), int(conn.time * 1_000_000) * 1000, line))
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         record = summary_record(flows, summary, self.run)
