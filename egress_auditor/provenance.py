@@ -76,7 +76,7 @@ def rule_lines(rule: Rule, verbose: int) -> list[str]:
     """What a rule was learned from, before escaping: always first and last
     seen, count, processes and attribution; more with verbose 1 and 2."""
     lines = [
-        f"{rule.protocol.name} to {rule.dst} port {rule.dport}: {rule.count} connection(s), "
+        f"{rule.protocol.name} to {rule.destination} port {rule.dport}: {rule.count} connection(s), "
         f"first {stamp(rule.first_seen)}, last {stamp(rule.last_seen)}",
         *evidence_lines(rule),
     ]

@@ -20,6 +20,17 @@ class Rule:
     count: int
     hostnames: tuple[str, ...] = ()  # DNS names that led to dst, sorted
     evidence: Evidence | None = field(default=None, compare=False)  # where saved captures saw it
+    prefix: int | None = None  # an aggregated rule allows dst/prefix; None: dst alone
+    members: tuple[IPAddress, ...] = ()  # the addresses seen that an aggregated rule stands for
+
+    @property
+    def destination(self) -> str:
+        """`192.0.2.10`, or `192.0.2.0/28` for an aggregated rule."""
+        return f"{self.dst}/{self.prefix}" if self.prefix is not None else str(self.dst)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix if self.prefix is not None else self.dst.max_prefixlen
 
     @property
     def names(self) -> tuple[str, ...]:

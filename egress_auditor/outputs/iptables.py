@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from egress_auditor import aggregate as aggregation
 from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
@@ -39,7 +40,6 @@ def rule_spec(scoped: ScopedRule) -> str:
     """The match and target of a rule, shared by both formats."""
     rule = scoped.rule
     proto = rule.protocol.name.lower()
-    prefix = 32 if rule.family is Family.IPV4 else 128
     comment = rule_comment(comment_text(rule))
     who = ""
     if scoped.cgroup:  # already a bare word: iptables_cgroup_path refuses anything else
@@ -47,7 +47,7 @@ def rule_spec(scoped: ScopedRule) -> str:
     elif scoped.uid is not None:
         who = f"-m owner --uid-owner {scoped.uid} "
     return (
-        f"-d {rule.dst}/{prefix} -p {proto} -m {proto} --dport {rule.dport} {who}"
+        f"-d {rule.dst}/{rule.prefix_length} -p {proto} -m {proto} --dport {rule.dport} {who}"
         f'-m comment --comment "{comment}" -j ACCEPT'
     )
 
@@ -148,12 +148,13 @@ class IptablesOutput:
         self.policy = Policy.from_options(options)
         self.dir: str = options["dir"]
         self.scope: str = options["scope"]
+        self.aggregate: tuple[int, int] | None = options["aggregate"]
 
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
         """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
-        rules = scoped_rules(flows, self.scope)
+        rules = aggregation.aggregate(scoped_rules(flows, self.scope), self.aggregate)
         if self.dir:
             target = Path(self.dir)
             for family, filename in ((Family.IPV4, "rules.v4"), (Family.IPV6, "rules.v6")):
@@ -191,6 +192,7 @@ PLUGIN = Plugin(
             "none",
             SCOPES,
         ),
+        aggregation.OPTION,
     ),
     example="-o iptables -O iptables:verbose:2 -O iptables:scope:cgroup",
 )

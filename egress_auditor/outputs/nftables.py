@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from egress_auditor import aggregate as aggregation
 from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
@@ -44,7 +45,7 @@ def _match(scoped: ScopedRule) -> str:
         scope = f'socket cgroupv2 level {scoped.cgroup_level} "{scoped.cgroup}" '
     elif scoped.uid is not None:
         scope = f"meta skuid {scoped.uid} "
-    return f"{scope}{address} daddr {rule.dst} {rule.protocol.name.lower()} dport {rule.dport}"
+    return f"{scope}{address} daddr {rule.destination} {rule.protocol.name.lower()} dport {rule.dport}"
 
 
 def _explain(scoped: ScopedRule, verbose: int) -> list[str]:
@@ -58,8 +59,11 @@ def _set_name(family: Family) -> str:
     return f"allow_{family.label.lower()}"
 
 
-def render(flows: list[Flow], summary: Summary, verbose: int, policy: Policy, scope: str) -> str:
-    scoped = scoped_rules(flows, scope)
+def render(
+    flows: list[Flow], summary: Summary, verbose: int, policy: Policy, scope: str,
+    prefixes: tuple[int, int] | None = None,
+) -> str:  # fmt: skip
+    scoped = aggregation.aggregate(scoped_rules(flows, scope), prefixes)
     by_uid = scope != "none"
     sets: dict[Family, list[ScopedRule]] = {}
     singles: list[ScopedRule] = []
@@ -78,9 +82,12 @@ def render(flows: list[Flow], summary: Summary, verbose: int, policy: Policy, sc
     for family, members in sets.items():
         address, type_ = _ADDRESS[family]
         key = f"{type_} . inet_proto . inet_service" + (" . uid" if by_uid else "")
-        lines += [f"\tset {_set_name(family)} {{", f"\t\ttype {key}", "\t\telements = {"]
+        lines += [f"\tset {_set_name(family)} {{", f"\t\ttype {key}"]
+        if any(s.rule.prefix is not None for s in members):
+            lines.append("\t\tflags interval")  # an aggregated element is a prefix
+        lines.append("\t\telements = {")
         for s in members:
-            element = f"{s.rule.dst} . {s.rule.protocol.name.lower()} . {s.rule.dport}"
+            element = f"{s.rule.destination} . {s.rule.protocol.name.lower()} . {s.rule.dport}"
             element += f" . {s.uid}" if by_uid else ""
             lines += _comments(_explain(s, verbose), "\t\t\t")
             lines.append(f'\t\t\t{element} comment "{nft_comment(comment_text(s.rule))}",')
@@ -122,12 +129,13 @@ class NftablesOutput:
         self.policy = Policy.from_options(options)
         self.scope: str = options["scope"]
         self.file: str = options["file"]
+        self.aggregate: tuple[int, int] | None = options["aggregate"]
 
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
         """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
-        text = render(flows, summary, self.verbose, self.policy, self.scope)
+        text = render(flows, summary, self.verbose, self.policy, self.scope, self.aggregate)
         if self.file:
             write_atomically(Path(self.file), text)
         return text
@@ -154,6 +162,7 @@ PLUGIN = Plugin(
             "",
             valid="a path",
         ),
+        aggregation.OPTION,
     ),
     example="-o nftables -O nftables:policy:drop -O nftables:scope:user",
 )

@@ -128,3 +128,24 @@ def test_drop_keeps_loopback_services_unless_asked(client_ns: Namespace, tmp_pat
             assert "-o lo" not in client_ns.run(["iptables", "-S", "OUTPUT"]).stdout
         for host in ("127.0.0.1", "::1"):
             assert curl(client_ns, host, LOCAL) != 0, f"loopback:rules still let {host} through"
+
+
+@pytest.mark.parametrize("fmt", ["nftables", "iptables"])
+def test_aggregated_rule_allows_its_prefix_and_nothing_wider(net: Link, tmp_path: Path, fmt: str) -> None:
+    """Three addresses seen in one /24 become their /30: an unseen address inside it passes,
+    one outside it (still in the /24) is blocked."""
+    base = net.b4.rsplit(".", 1)[0]
+    members, inside, outside = [f"{base}.{h}" for h in (5, 6, 7)], f"{base}.4", f"{base}.40"
+    device = net.b.run(["ip", "-o", "-4", "addr", "show", "to", net.b4]).stdout.split()[1]
+    for address in (*members, inside, outside):
+        net.b.run(["ip", "addr", "add", f"{address}/32", "dev", device])
+    connections = [conn(CLIENT, address, SEEN, START + i) for i, address in enumerate(members)]
+    files = write_rules(tmp_path, connections, fmt, f"{fmt}:policy:drop", f"{fmt}:aggregate:24")
+    text = "".join(path.read_text() for _, path in files)
+    assert f"{base}.4/30" in text and "aggregated: 3 addresses seen in one /24" in text
+    with http_server(net.b, SEEN):
+        load(net.a, files)
+        for address in (*members, inside):
+            assert curl(net.a, address, SEEN) == 0, f"{address} is in the /30 and was blocked"
+        for address in (outside, net.b4):
+            assert curl(net.a, address, SEEN) != 0, f"{address} is outside the /30 and was allowed"

@@ -13,7 +13,7 @@ from flowdata import START, conn, proc, summary
 
 from egress_auditor.baseline import diff
 from egress_auditor.capture import read_captures
-from egress_auditor.model import Protocol
+from egress_auditor.model import Connection, Protocol
 from unit.test_capture import capture
 
 EGRESS_AUDITOR = Path(sys.executable).with_name("egress-auditor")
@@ -21,7 +21,7 @@ CURL = proc(4242, "curl", 1000, "alice", ["curl"])
 HOSTILE = proc(4243, "evil\x1b[2J\nname", 1000, "alice", ["evil"])
 
 
-def named(c, name: str):
+def named(c: Connection, name: str) -> Connection:
     return dataclasses.replace(c, hostname=name)
 
 
