@@ -97,7 +97,7 @@ def render(
         f"\t\ttype filter hook output priority filter; policy {'drop' if policy.drop else 'accept'};",
     ]
     if policy.guarded and policy.loopback_first:
-        lines.append('\t\toif "lo" accept comment "loopback: local services stay reachable"')
+        lines.append('\t\toif "lo" accept')  # comments in this chain name destinations seen
     lines += [
         "\t\tct state established,related accept",
         "\t\t# without neighbour discovery a drop policy cuts IPv6 off entirely",

@@ -143,7 +143,8 @@ def test_commands_run_by_sh_inject_nothing(
         assert all(count == 1 for count in keyed.values())
         assert others[0] == "-P OUTPUT DROP"
         assert "-A OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" in others
-        assert len(others) == (2 if family is Family.IPV4 else 5)  # policy, replies (and 3 NDP types)
+        assert "-A OUTPUT -o lo -j ACCEPT" in others
+        assert len(others) == (3 if family is Family.IPV4 else 6)  # policy, loopback, replies (and 3 NDP types)
 
 
 @pytest.mark.parametrize("family", [Family.IPV4, Family.IPV6])
@@ -180,8 +181,8 @@ def test_restore_files_inject_nothing(
     others, keyed = loaded_rules(client_ns, family)
     assert keyed == expected_keys(rules, family)
     assert all(count == 1 for count in keyed.values())
-    assert others[0] == "-P OUTPUT DROP"
-    assert len(others) == (2 if family is Family.IPV4 else 5)
+    assert others[0] == "-P OUTPUT DROP" and others[1] == "-A OUTPUT -o lo -j ACCEPT"
+    assert len(others) == (3 if family is Family.IPV4 else 6)
 
 
 def test_long_comment_loads(client_ns: Namespace, tmp_path: Path) -> None:
