@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
 from egress_auditor.model import Connection, Family, Flow, Summary
+from egress_auditor.outputs.firewall import rule_comments, write_atomically
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.provenance import VERBOSE_OPTION, header_lines, rule_lines
+from egress_auditor.provenance import VERBOSE_OPTION, header_lines
 from egress_auditor.rules import comment_text
 from egress_auditor.scope import SCOPES, ScopedRule
 
 ESTABLISHED = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
 # Without neighbour discovery a DROP policy cuts IPv6 off entirely.
 NDP_TYPES = ("router-solicitation", "neighbour-solicitation", "neighbour-advertisement")
-
-
-def describe_rule(scoped: ScopedRule, verbose: int) -> list[str]:
-    """The `#` lines above a rule (provenance.rule_lines), escaped for a comment line."""
-    lines = rule_lines(scoped.rule, verbose)
-    if scoped.note:
-        lines.append(f"  {scoped.note}")
-    return ["# " + comment_line(line) for line in lines]
 
 
 def scoped_rules(flows: list[Flow], scope: str) -> list[ScopedRule]:
@@ -65,7 +56,7 @@ def render_commands(rules: list[ScopedRule], summary: Summary, verbose: int, dro
         lines.append("# no connections seen")
     for scoped in rules:
         binary = "iptables" if scoped.rule.family is Family.IPV4 else "ip6tables"
-        lines.extend(describe_rule(scoped, verbose))
+        lines.extend(rule_comments(scoped, verbose))
         lines.append(f"{binary} -I OUTPUT {rule_spec(scoped)}")
     if drop:
         # -I puts each rule first: these go last so they end up on top.
@@ -97,26 +88,10 @@ def render_restore(
         lines.extend(f"-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT" for ndp in NDP_TYPES)
     for scoped in rules:
         if scoped.rule.family is family:
-            lines.extend(describe_rule(scoped, verbose))
+            lines.extend(rule_comments(scoped, verbose))
             lines.append(f"-A OUTPUT {rule_spec(scoped)}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers (iptables-persistent at boot) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class IptablesOutput:
