@@ -28,6 +28,7 @@ from egress_auditor.errors import AuditorError
 from egress_auditor.model import Attribution, Process
 from egress_auditor.process import user_name
 
+# The values below repeat bpf/events.h (EA_PROC_*, EA_PSTAT_*); tests/unit/test_events_header.py checks them.
 PROC_FORK, PROC_EXEC, PROC_EXIT = 1, 2, 3
 ARGS_CUT, ARGS_MISSING = 1, 2
 PSTAT_EVENTS, PSTAT_LOST = 0, 1
