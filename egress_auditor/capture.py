@@ -18,7 +18,7 @@ from typing import Any
 
 from egress_auditor.errors import AuditorError, UsageError
 from egress_auditor.flows import FlowTable
-from egress_auditor.model import Attribution, Connection, Family, Flow, FlowKey, Process, Protocol, Summary
+from egress_auditor.model import Attribution, Connection, Family, Flow, FlowKey, Process, Summary, Transport
 from egress_auditor.records import VERSION
 
 _FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6}
@@ -64,7 +64,7 @@ def _process(record: dict[str, Any]) -> Process:
 
 def _key(record: dict[str, Any]) -> FlowKey:
     return FlowKey(
-        Protocol[str(record["protocol"]).upper()],
+        Transport[str(record["protocol"]).upper()],
         _FAMILIES[record["family"]],
         ipaddress.ip_address(record["dst"]),
         int(record["dport"]),

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from egress_auditor.model import Family, Flow, IPAddress, Process, Protocol
+from egress_auditor.model import Family, Flow, IPAddress, Process, Transport
 
 
 @dataclass(frozen=True)
 class Rule:
-    protocol: Protocol
+    protocol: Transport
     family: Family
     dst: IPAddress
     dport: int
@@ -38,7 +38,7 @@ def _process_order(process: Process) -> tuple[str, str, int, str]:
 
 def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
     """Merge flows that differ only in uid or process into one rule each; sorted."""
-    grouped: dict[tuple[Protocol, Family, IPAddress, int], list[Flow]] = {}
+    grouped: dict[tuple[Transport, Family, IPAddress, int], list[Flow]] = {}
     for flow in flows:
         k = flow.key
         grouped.setdefault((k.protocol, k.family, k.dst, k.dport), []).append(flow)

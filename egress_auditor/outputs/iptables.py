@@ -7,7 +7,8 @@ from typing import Any
 
 from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
-from egress_auditor.model import Connection, Family, Flow, Summary
+from egress_auditor.model import Family, Flow, Summary
+from egress_auditor.outputs import OutputBase
 from egress_auditor.outputs.firewall import rule_comments, write_atomically
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.provenance import VERBOSE_OPTION, header_lines
@@ -94,7 +95,7 @@ def render_restore(
     return "\n".join(lines) + "\n"
 
 
-class IptablesOutput:
+class IptablesOutput(OutputBase):
     name = "iptables"
 
     def __init__(self, options: dict[str, Any]) -> None:
@@ -103,9 +104,6 @@ class IptablesOutput:
         self.drop: bool = options["policy"] == "drop"
         self.dir: str = options["dir"]
         self.scope: str = options["scope"]
-
-    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
-        """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         rules = scoped_rules(flows, self.scope)

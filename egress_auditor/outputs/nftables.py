@@ -13,7 +13,8 @@ from typing import Any
 
 from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
-from egress_auditor.model import Connection, Family, Flow, Summary
+from egress_auditor.model import Family, Flow, Summary
+from egress_auditor.outputs import OutputBase
 from egress_auditor.outputs.firewall import rule_comments, write_atomically
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.provenance import VERBOSE_OPTION, header_lines
@@ -92,7 +93,7 @@ def render(flows: list[Flow], summary: Summary, verbose: int, drop: bool, scope:
     return "\n".join(lines) + "\n"
 
 
-class NftablesOutput:
+class NftablesOutput(OutputBase):
     name = "nftables"
 
     def __init__(self, options: dict[str, Any]) -> None:
@@ -100,9 +101,6 @@ class NftablesOutput:
         self.drop: bool = options["policy"] == "drop"
         self.scope: str = options["scope"]
         self.file: str = options["file"]
-
-    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
-        """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         text = render(flows, summary, self.verbose, self.drop, self.scope)
