@@ -1,5 +1,5 @@
 """Attribution of short-lived processes: kernel lineage against /proc read at
-event time (the Go tool's method), side by side on the same run.
+event time, side by side on the same run.
 
 A shell loop in a network namespace of its own starts N processes, each of
 which connects once to a closed port on the loopback (the kernel answers RST)
@@ -155,7 +155,7 @@ def run(processes: int) -> dict[str, object]:
                     queued: list[Connection] = []
                     source.poll(0.005, queued.append)
                     mine = [c for c in queued if c.protocol is Transport.TCP and c.dport in ports]
-                    # The Go tool's method: /proc, read the moment the event arrives.
+                    # /proc, read the moment the event arrives.
                     at_event = [resolver.resolve(c.pid, c.comm, c.uid, c.time) for c in mine]
                     lineage.consume()
                     for conn, proc_view in zip(mine, at_event, strict=True):

@@ -1,4 +1,4 @@
-"""Which process owns the socket a packet left from, as the Go tool found it:
+"""Which process owns the socket a packet left from:
 the socket's inode from /proc/net/{tcp,tcp6,udp,udp6}, then the process
 holding that inode among /proc/*/fd.
 

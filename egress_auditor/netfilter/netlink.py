@@ -2,7 +2,7 @@
 
 Written with the socket and struct modules: no maintained Python library
 speaks nfnetlink_log or nfnetlink_queue with the uid/gid, sequence and
-fail-open flags this tool needs (see docs/architecture.md). Constants are
+fail-open flags this tool needs (see docs/decisions/nfnetlink-by-hand.md). Constants are
 from the kernel's uapi headers linux/netfilter/nfnetlink_{log,queue}.h.
 """
 

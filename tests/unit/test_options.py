@@ -1,4 +1,4 @@
-"""Command-line options: durations, the Go tool's flag-only form, plugin options,
+"""Command-line options: durations, the flag-only form, plugin options,
 and what the installed console script does with bad input."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_parse_duration_rejects(text: str) -> None:
         assert form in message
 
 
-# ---------------------------------------------------------------- the Go tool's form
+# ---------------------------------------------------------------- the flag-only form
 
 GO_FORM = ["-i", "ebpf", "-o", "iptables", "-O", "iptables:verbose:2"]
 
