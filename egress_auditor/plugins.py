@@ -15,10 +15,18 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TextIO
 
-from egress_auditor.errors import UsageError
+from egress_auditor.errors import AuditorError, UsageError
 from egress_auditor.escape import terminal_text
+from egress_auditor.inputs import Input
+from egress_auditor.outputs import Output
 
 GROUPS = {"input": "egress_auditor.inputs.v1", "output": "egress_auditor.outputs.v1"}
+CONTRACTS: dict[str, type] = {"input": Input, "output": Output}
+
+
+def contract_methods(protocol: type) -> set[str]:
+    """The methods a protocol class declares (its optional ones included)."""
+    return {name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")}
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,19 @@ class Selection:
     plugins: dict[str, Plugin] = field(default_factory=dict)
 
     def create(self) -> list[Any]:
-        return [self.plugins[name].factory(opts) for name, opts in self.chosen.items()]
+        """One instance per chosen plugin; one that lacks part of the contract is refused in one line."""
+        created = []
+        for name, opts in self.chosen.items():
+            instance = self.plugins[name].factory(opts)
+            wanted = contract_methods(CONTRACTS[self.kind])
+            missing = sorted(m for m in wanted if not callable(getattr(instance, m, None)))
+            if missing:
+                raise AuditorError(
+                    f"{self.kind} plugin {terminal_text(name)} lacks {', '.join(missing)}: "
+                    f"it was not written for {GROUPS[self.kind]}"
+                )
+            created.append(instance)
+        return created
 
 
 def select(

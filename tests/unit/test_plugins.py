@@ -16,18 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Input, InputBase, InputStats
 from egress_auditor.live import Display, LiveTable, PlainLog
 from egress_auditor.model import Summary
 from egress_auditor.outputs import Output, OutputBase
-from egress_auditor.plugins import GROUPS, registered
+from egress_auditor.plugins import GROUPS, Plugin, contract_methods, registered, select
 from egress_auditor.trace import TraceRun
 
 BUILT_IN = {"input": {"ebpf", "nflog", "nfqueue"}, "output": {"iptables", "nftables", "json", "loki"}}
-
-
-def methods(protocol: type) -> set[str]:
-    return {name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")}
 
 
 def install_broken(root: Path) -> None:
@@ -63,20 +60,20 @@ def test_every_registered_plugin_provides_the_whole_contract(kind: str, protocol
     for plugin in plugins.values():
         factory = plugin.factory
         assert isinstance(factory, type), plugin.name
-        missing = methods(protocol) - {name for name in methods(protocol) if callable(getattr(factory, name, None))}
+        missing = {m for m in contract_methods(protocol) if not callable(getattr(factory, m, None))}
         assert not missing, f"{kind} {plugin.name} lacks {missing}"
         assert factory.name == plugin.name  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("display", [PlainLog, LiveTable])
 def test_displays_provide_the_whole_contract(display: type) -> None:
-    assert all(callable(getattr(display, name, None)) for name in methods(Display))
+    assert all(callable(getattr(display, name, None)) for name in contract_methods(Display))
     assert isinstance(display.name, str) and display.name  # type: ignore[attr-defined]
 
 
 def test_base_classes_give_every_optional_method_a_default() -> None:
-    assert methods(InputBase) == {"sync", "restrict_to_cgroup"} <= methods(Input)
-    assert methods(OutputBase) == {"connection", "reopen"} <= methods(Output)
+    assert contract_methods(InputBase) == {"sync", "restrict_to_cgroup"} <= contract_methods(Input)
+    assert contract_methods(OutputBase) == {"connection", "reopen"} <= contract_methods(Output)
 
 
 def test_a_broken_plugin_is_reported_in_one_line_and_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,7 +128,7 @@ class NoEvents(InputBase):
         pass
 
 
-def test_a_run_uses_the_defaults_of_an_output_without_optional_methods() -> None:
+def test_a_run_uses_the_defaults_of_an_output_without_optional_contract_methods() -> None:
     stdout, stderr = io.StringIO(), io.StringIO()
     run = TraceRun(
         inputs=[NoEvents()],
@@ -145,3 +142,32 @@ def test_a_run_uses_the_defaults_of_an_output_without_optional_methods() -> None
     assert run.run() == 0
     assert stdout.getvalue() == "0 flows\n"
     assert "failed" not in stderr.getvalue(), stderr.getvalue()
+
+
+class WithoutReopen:
+    """An output written for another contract: no reopen()."""
+
+    name = "old-style"
+
+    def __init__(self, options: dict) -> None:
+        pass
+
+    def connection(self, conn: object, flow: object, is_new: bool) -> None:
+        pass
+
+    def finish(self, flows: list, summary: Summary) -> str:
+        return ""
+
+
+def test_a_plugin_lacking_part_of_the_contract_is_refused_in_one_line() -> None:
+    old = Plugin(name="old-style", kind="output", description="no reopen", factory=WithoutReopen)
+    available = {**registered("output"), "old-style": old}
+    with pytest.raises(AuditorError) as refused:
+        select("output", ["iptables", "old-style"], [], default="iptables", available=available).create()
+    message = str(refused.value)
+    assert message == f"output plugin old-style lacks reopen: it was not written for {GROUPS['output']}"
+    assert refused.value.exit_status == 1
+    # With the base class's defaults the same output is accepted.
+    fixed = Plugin(name="fixed", kind="output", description="", factory=type("Fixed", (OutputBase, WithoutReopen), {}))
+    created = select("output", ["fixed"], [], default="fixed", available={"fixed": fixed}).create()
+    assert len(created) == 1 and isinstance(created[0], OutputBase)
