@@ -1,5 +1,5 @@
 """Attribution of short-lived processes: kernel lineage against /proc read at
-event time (the Go tool's method), side by side on the same run.
+event time, side by side on the same run.
 
 A shell loop in a network namespace of its own starts N processes, each of
 which connects once to a closed port on the loopback (the kernel answers RST)
@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from bench.report import replace_section  # noqa: E402
 from egress_auditor.lineage import LineageTracer  # noqa: E402
-from egress_auditor.model import Connection, Process, Protocol  # noqa: E402
+from egress_auditor.model import Connection, Process, Transport  # noqa: E402
 from egress_auditor.plugins import select  # noqa: E402
 from egress_auditor.process import ProcessResolver  # noqa: E402
 
@@ -154,8 +154,8 @@ def run(processes: int) -> dict[str, object]:
                 while len(seen) < processes and time.monotonic() < deadline:
                     queued: list[Connection] = []
                     source.poll(0.005, queued.append)
-                    mine = [c for c in queued if c.protocol is Protocol.TCP and c.dport in ports]
-                    # The Go tool's method: /proc, read the moment the event arrives.
+                    mine = [c for c in queued if c.protocol is Transport.TCP and c.dport in ports]
+                    # /proc, read the moment the event arrives.
                     at_event = [resolver.resolve(c.pid, c.comm, c.uid, c.time) for c in mine]
                     lineage.consume()
                     for conn, proc_view in zip(mine, at_event, strict=True):

@@ -136,7 +136,7 @@ def markdown(data: dict[str, Any]) -> str:
         "missing the CPU caches: it is touched again only after every other flow's, and each connect's own "
         "memory evicts it long before. The counters' clock reads wait for that miss; without them the CPU "
         "goes on with the connect meanwhile, so these times overstate what a change to the program gains: "
-        "judge it by the connect ratio (docs/architecture.md, design log).",
+        "judge it by the connect ratio (docs/decisions/connect-cost.md).",
         "- An empty program on a hook, connect rate with it / without (alternating 1 s rounds, median): "
         + "; ".join(
             f"{hook} {d['median']:.3f} (IQR {d['q1']:.3f}-{d['q3']:.3f}, n={d['n']})"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The figures of issue 7, in the order the table shows them.
+# The benchmark's goals, in the order the table shows them.
 KEYS = (
     "connect_ratio_ebpf",
     "connect_ratio_per_event_reference",
@@ -25,7 +25,7 @@ KEYS = (
 
 @dataclass(frozen=True)
 class Goal:
-    text: str  # as the issue states it
+    text: str  # the goal as stated
     at_least: float | None = None
     at_most: float | None = None
 
@@ -65,7 +65,7 @@ WHAT = {
     "connect_ratio_ebpf_udp": "datagrams/s with `trace -i ebpf` running / without, one `sendto()` per flow in turn",
 }
 
-# What issue 7 asks for that the harness does not measure yet (key: why).
+# Goals the harness does not measure yet (key: why).
 PENDING: dict[str, str] = {}
 
 
@@ -124,7 +124,7 @@ def markdown(results: dict[str, Any]) -> str:
     rounds = sum(2 * d["n"] for k, d in details.items() if k.startswith("connect_ratio_"))
     lines = [
         SECTION_BEGIN,
-        "## Overhead, loss, CPU, start-up and memory (issue 7)",
+        "## Overhead, loss, CPU, start-up and memory",
         "",
         f"`sudo make bench` (`bench/run.py`, {results['mode']} mode, {results['duration_s']:.0f} s) on "
         f"{results['started']}; the figures are also in `bench/results.json`.",

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from egress_auditor.model import Family, Flow, IPAddress, Protocol
+from egress_auditor.model import Family, Flow, IPAddress, Transport
 from egress_auditor.provenance import stamp
 from egress_auditor.rules import Rule, rules_from_flows
 
-Destination = tuple[Protocol, Family, IPAddress, int]
+Destination = tuple[Transport, Family, IPAddress, int]
 
 
 def destination(rule: Rule) -> Destination:
@@ -27,7 +27,7 @@ class Baseline:
     """The destinations of some captures, the names that led to them, and who reached each."""
 
     rules: dict[Destination, Rule]
-    names: dict[tuple[Protocol, int, str], set[IPAddress]]
+    names: dict[tuple[Transport, int, str], set[IPAddress]]
     uids: dict[Destination, set[int]] = field(default_factory=dict)
     cgroups: dict[Destination, set[str]] = field(default_factory=dict)
 
@@ -35,7 +35,7 @@ class Baseline:
     def of(cls, flows: Iterable[Flow]) -> Baseline:
         flows = list(flows)
         rules = {destination(r): r for r in rules_from_flows(flows)}
-        names: dict[tuple[Protocol, int, str], set[IPAddress]] = {}
+        names: dict[tuple[Transport, int, str], set[IPAddress]] = {}
         for rule in rules.values():
             for name in rule.hostnames:
                 names.setdefault((rule.protocol, rule.dport, name.lower()), set()).add(rule.dst)
@@ -48,7 +48,7 @@ class Baseline:
             cgroups.setdefault(where, set()).update(p.cgroup for p in flow.processes.values() if p.cgroup)
         return cls(rules, names, uids, cgroups)
 
-    def destinations_of(self, protocol: Protocol, family: Family, dst: IPAddress, port: int,
+    def destinations_of(self, protocol: Transport, family: Family, dst: IPAddress, port: int,
                         hostnames: Iterable[str]) -> list[Destination]:  # fmt: skip
         """The baseline's destinations that cover this one: itself, or those reached by one of its names."""
         found = [(protocol, family, dst, port)] if (protocol, family, dst, port) in self.rules else []

@@ -18,7 +18,7 @@ from typing import Any
 
 from egress_auditor.errors import UsageError
 from egress_auditor.flows import FlowTable
-from egress_auditor.model import Attribution, Connection, Evidence, Family, Flow, FlowKey, Process, Protocol, Summary
+from egress_auditor.model import Attribution, Connection, Evidence, Family, Flow, FlowKey, Process, Summary, Transport
 from egress_auditor.provenance import STARTUP_S
 from egress_auditor.records import VERSION
 
@@ -65,7 +65,7 @@ def _process(record: dict[str, Any]) -> Process:
 
 def _key(record: dict[str, Any]) -> FlowKey:
     return FlowKey(
-        Protocol[str(record["protocol"]).upper()],
+        Transport[str(record["protocol"]).upper()],
         _FAMILIES[record["family"]],
         ipaddress.ip_address(record["dst"]),
         int(record["dport"]),

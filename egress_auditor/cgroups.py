@@ -22,7 +22,6 @@ from egress_auditor.errors import AuditorError
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 FILEID_KERNFS = 0xFE  # the file handle type cgroupfs hands out: its 8 bytes are the cgroup id
-ROOT_ID = 1  # the root cgroup's id on every kernel with cgroup v2 ids (4.18+)
 # A cgroup id that matches no directory: walk the tree again at most this often.
 WALK_INTERVAL_S = 1.0
 AUDIT_CGROUP_PREFIX = "egress-auditor-"  # the transient cgroups of `trace -- CMD`, under the root

@@ -1,4 +1,4 @@
-"""The command line: trace, list, doctor; and the Go tool's flag-only form."""
+"""The command line: trace, rules, list, doctor; and the flag-only form (`-i ebpf -o iptables`)."""
 
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ LEGACY_PASSTHROUGH = {"-h", "--help", "--version", "-l", "--list"}
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
-    """The Go tool had no subcommands: `egress-auditor -i ebpf ...` means trace."""
+    """Flags without a subcommand (`egress-auditor -i ebpf ...`) mean trace, so flag-only command lines keep working."""
     if argv and argv[0].startswith("-") and argv[0] not in LEGACY_PASSTHROUGH:
         return ["trace", *argv]
     return argv

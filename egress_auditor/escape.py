@@ -7,7 +7,6 @@ has property tests in tests/unit/test_escape.py.
 from __future__ import annotations
 
 import re
-import shlex
 
 # Characters that mean nothing special to sh inside double quotes, to the
 # iptables-restore tokenizer, or to nft inside a quoted string.
@@ -77,11 +76,6 @@ def terminal_text(text: str) -> str:
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
     return _TERMINAL_UNSAFE.sub(visible, text.replace("\\", "\\\\"))
-
-
-def shell_word(text: str) -> str:
-    """One shell word that sh reads back as exactly `text` (no NUL allowed)."""
-    return shlex.quote(text.replace("\x00", ""))
 
 
 NFT_COMMENT_MAX = 128  # nft refuses longer comments: "128 characters maximum allowed"

@@ -28,8 +28,9 @@ from egress_auditor.errors import AuditorError
 from egress_auditor.model import Attribution, Process
 from egress_auditor.process import user_name
 
+# The values below repeat bpf/events.h (EA_PROC_*, EA_PSTAT_*); tests/unit/test_events_header.py checks them.
 PROC_FORK, PROC_EXEC, PROC_EXIT = 1, 2, 3
-ARGS_CUT, ARGS_MISSING, FILENAME_CUT = 1, 2, 4
+ARGS_CUT, ARGS_MISSING = 1, 2
 PSTAT_EVENTS, PSTAT_LOST = 0, 1
 CLONE_PARENT = 0x00008000
 COMM_LEN = 15  # the kernel keeps 15 bytes of a task name

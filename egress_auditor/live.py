@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import IO
+from typing import IO, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -12,11 +12,27 @@ from rich.text import Text
 
 from egress_auditor.escape import terminal_text
 from egress_auditor.flows import FlowTable
-from egress_auditor.model import Connection, Flow, FlowKey, Protocol
+from egress_auditor.model import Connection, Flow, FlowKey, Transport
 from egress_auditor.services import port_label
 
 
-def endpoint(address: object, port: int, protocol: Protocol, named: bool = False) -> str:
+class Display(Protocol):
+    """What a trace run shows while it runs; `status` maps a label to its value."""
+
+    name: str
+
+    def start(self, status: dict[str, str]) -> None: ...
+
+    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None: ...
+
+    def drift(self, conn: Connection, flow: Flow) -> None: ...
+
+    def refresh(self, status: dict[str, str]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def endpoint(address: object, port: int, protocol: Transport, named: bool = False) -> str:
     host = f"[{address}]" if ":" in str(address) else str(address)
     label = port_label(port, protocol) if named else str(port)
     return f"{host}:{label}"
@@ -40,6 +56,8 @@ def new_flow_line(conn: Connection) -> str:
 
 class PlainLog:
     """One line per new flow, for logs and pipes."""
+
+    name = "log"
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
@@ -68,6 +86,7 @@ def _clock(seconds: float) -> str:
 class LiveTable:
     """A rich table, one row per flow, redrawn a few times a second."""
 
+    name = "live table"
     MAX_ROWS = 200
     REDRAW_S = 0.25
 

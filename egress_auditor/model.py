@@ -11,7 +11,9 @@ from typing import Any, TypeVar
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class Protocol(enum.IntEnum):
+class Transport(enum.IntEnum):
+    """The transport protocol of a connection, by its IP protocol number."""
+
     TCP = 6
     UDP = 17
 
@@ -61,7 +63,7 @@ class Connection:
     """One observed outbound connection (or the first of a flow)."""
 
     time: float  # seconds since the epoch
-    protocol: Protocol
+    protocol: Transport
     family: Family
     src: IPAddress | None
     sport: int  # 0 when the kernel had not chosen it yet
@@ -83,7 +85,7 @@ class Connection:
 class FlowKey:
     """A flow: what a firewall rule is learned from."""
 
-    protocol: Protocol
+    protocol: Transport
     family: Family
     dst: IPAddress
     dport: int

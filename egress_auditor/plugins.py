@@ -1,20 +1,32 @@
 """Plugin declarations and `plugin:key:value` option parsing.
 
 Built-in inputs and outputs register through the same entry points a
-third-party package would use (groups egress_auditor.inputs / .outputs), and
-`egress-auditor list` is generated from these declarations.
+third-party package would use (groups egress_auditor.inputs.v1 /
+egress_auditor.outputs.v1; the version changes when the Input or Output
+contract does), and `egress-auditor list` is generated from these
+declarations. A plugin that cannot be loaded is named on stderr and left out.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from typing import Any
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, TextIO
 
-from egress_auditor.errors import UsageError
+from egress_auditor.errors import AuditorError, UsageError
+from egress_auditor.escape import terminal_text
+from egress_auditor.inputs import Input
+from egress_auditor.outputs import Output
 
-GROUPS = {"input": "egress_auditor.inputs", "output": "egress_auditor.outputs"}
+GROUPS = {"input": "egress_auditor.inputs.v1", "output": "egress_auditor.outputs.v1"}
+CONTRACTS: dict[str, type] = {"input": Input, "output": Output}
+
+
+def contract_methods(protocol: type) -> set[str]:
+    """The methods a protocol class declares (its optional ones included)."""
+    return {name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")}
 
 
 @dataclass(frozen=True)
@@ -62,12 +74,30 @@ def positive_int(value: str) -> int:
     return number
 
 
-def registered(kind: str) -> dict[str, Plugin]:
+def _load(entry: EntryPoint, kind: str) -> Plugin:
+    try:
+        plugin = entry.load()
+    except Exception as exc:  # any error of a third-party module: it must not stop the others
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(plugin, Plugin) or plugin.kind != kind:
+        raise ValueError(f"{entry.value} is not an {kind} Plugin")
+    return plugin
+
+
+def registered(kind: str, stderr: TextIO | None = None) -> dict[str, Plugin]:
+    """The plugins of one kind installed in this environment, by name; each one that fails to load is
+    reported in a line on stderr and left out."""
     plugins: dict[str, Plugin] = {}
     for entry in entry_points(group=GROUPS[kind]):
-        plugin = entry.load()
-        if isinstance(plugin, Plugin) and plugin.kind == kind:
-            plugins[plugin.name] = plugin
+        try:
+            plugin = _load(entry, kind)
+        except ValueError as exc:
+            print(
+                f"egress-auditor: {kind} plugin {terminal_text(entry.name)} skipped: {terminal_text(str(exc))}",
+                file=stderr or sys.stderr,
+            )
+            continue
+        plugins[plugin.name] = plugin
     return dict(sorted(plugins.items()))
 
 
@@ -80,7 +110,19 @@ class Selection:
     plugins: dict[str, Plugin] = field(default_factory=dict)
 
     def create(self) -> list[Any]:
-        return [self.plugins[name].factory(opts) for name, opts in self.chosen.items()]
+        """One instance per chosen plugin; one that lacks part of the contract is refused in one line."""
+        created = []
+        for name, opts in self.chosen.items():
+            instance = self.plugins[name].factory(opts)
+            wanted = contract_methods(CONTRACTS[self.kind])
+            missing = sorted(m for m in wanted if not callable(getattr(instance, m, None)))
+            if missing:
+                raise AuditorError(
+                    f"{self.kind} plugin {terminal_text(name)} lacks {', '.join(missing)}: "
+                    f"it was not written for {GROUPS[self.kind]}"
+                )
+            created.append(instance)
+        return created
 
 
 def select(

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from egress_auditor.model import Evidence, Family, Flow, IPAddress, Process, Protocol
+from egress_auditor.model import Evidence, Family, Flow, IPAddress, Process, Transport
 
 
 @dataclass(frozen=True)
 class Rule:
-    protocol: Protocol
+    protocol: Transport
     family: Family
     dst: IPAddress
     dport: int
@@ -60,7 +60,7 @@ def _evidence(flows: list[Flow]) -> Evidence | None:
 
 def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
     """Merge flows that differ only in uid or process into one rule each; sorted."""
-    grouped: dict[tuple[Protocol, Family, IPAddress, int], list[Flow]] = {}
+    grouped: dict[tuple[Transport, Family, IPAddress, int], list[Flow]] = {}
     for flow in flows:
         k = flow.key
         grouped.setdefault((k.protocol, k.family, k.dst, k.dport), []).append(flow)

@@ -1,4 +1,4 @@
-"""Which process owns the socket a packet left from, as the Go tool found it:
+"""Which process owns the socket a packet left from:
 the socket's inode from /proc/net/{tcp,tcp6,udp,udp6}, then the process
 holding that inode among /proc/*/fd.
 
@@ -21,15 +21,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from egress_auditor.model import Family, IPAddress, Protocol
+from egress_auditor.model import Family, IPAddress, Transport
 from egress_auditor.netfilter.packets import Packet
 
 TCP_LISTEN = 0x0A
 _TABLES = {
-    (Protocol.TCP, Family.IPV4): "tcp",
-    (Protocol.TCP, Family.IPV6): "tcp6",
-    (Protocol.UDP, Family.IPV4): "udp",
-    (Protocol.UDP, Family.IPV6): "udp6",
+    (Transport.TCP, Family.IPV4): "tcp",
+    (Transport.TCP, Family.IPV6): "tcp6",
+    (Transport.UDP, Family.IPV4): "udp",
+    (Transport.UDP, Family.IPV6): "udp6",
 }
 
 
@@ -108,7 +108,7 @@ def match(entries: Sequence[SocketEntry], packet: Packet) -> SocketEntry | None:
             continue
         if entry.rport == packet.dport and _same(entry.remote, packet.dst):
             return entry
-        if packet.protocol is Protocol.UDP and entry.rport == 0 and entry.remote.is_unspecified:
+        if packet.protocol is Transport.UDP and entry.rport == 0 and entry.remote.is_unspecified:
             best = entry  # sendto() on an unconnected socket: the port alone says whose it is
     return best
 

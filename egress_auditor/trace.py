@@ -23,17 +23,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from egress_auditor.cgroups import CgroupResolver
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
 from egress_auditor.drift import EXIT_DRIFT, DriftWatch
 from egress_auditor.escape import terminal_text
 from egress_auditor.flows import FlowTable
-from egress_auditor.inputs import InputStats
+from egress_auditor.inputs import Input, InputStats
+from egress_auditor.live import Display
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
+from egress_auditor.outputs import Output
 from egress_auditor.process import Attributor, ProcessResolver
 from egress_auditor.records import RECORD_OUTPUTS
+
+if TYPE_CHECKING:
+    from egress_auditor.lineage import LineageTracer
 
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
@@ -49,16 +54,16 @@ TERM_GRACE_S = 5.0  # after --duration/--count ends a command's run: SIGTERM, th
 
 @dataclass
 class TraceRun:
-    inputs: list[Any]
-    outputs: list[Any]
-    display: Any
+    inputs: list[Input]
+    outputs: list[Output]
+    display: Display
     duration: float | None = None
     count: int | None = None
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
     resolver: ProcessResolver = field(default_factory=ProcessResolver)
     table: FlowTable = field(default_factory=FlowTable)
-    lineage: Any = None  # lineage.LineageTracer; None: /proc at event time only
+    lineage: LineageTracer | None = None  # None: /proc at event time only
     command: AuditedCommand | None = None
     cgroups: CgroupResolver = field(default_factory=CgroupResolver)
     drift: DriftWatch | None = None  # with a baseline: report and write rules for what it does not cover
@@ -122,11 +127,10 @@ class TraceRun:
             self._deliver(sink, lambda s: s.connection(conn, flow, is_new))
         if is_new and self.drift is not None and not self.drift.covers(flow):
             for sink in (*self.outputs, self.display):
-                if hasattr(sink, "drift"):
-                    self._deliver(sink, lambda s: s.drift(conn, flow))
+                self._deliver(sink, lambda s: s.drift(conn, flow))
 
-    def _deliver(self, sink: Any, call: Callable[[Any], None]) -> None:
-        name = getattr(sink, "name", type(sink).__name__)
+    def _deliver(self, sink: Output | Display, call: Callable[[Any], None]) -> None:
+        name = sink.name
         try:
             call(sink)
         except Exception as exc:  # one failing output never stops the others
@@ -137,8 +141,7 @@ class TraceRun:
     def _reopen_outputs(self) -> None:
         self._reopen_requested = False
         for sink in self.outputs:
-            if hasattr(sink, "reopen"):
-                self._deliver(sink, lambda s: s.reopen())
+            self._deliver(sink, lambda s: s.reopen())
 
     def _on_count(self, key: FlowKey, count: int, last_seen: float) -> None:
         self.table.set_kernel_count(key, count, last_seen)
@@ -189,8 +192,7 @@ class TraceRun:
                 cgroup = self.command.prepare()
                 for source in self.inputs:
                     # Inputs that can filter in the kernel keep the command's flows apart from the host's.
-                    if hasattr(source, "restrict_to_cgroup"):
-                        source.restrict_to_cgroup(cgroup.id, cgroup.depth)
+                    source.restrict_to_cgroup(cgroup.id, cgroup.depth)
             for source in self.inputs:
                 self._attach.append(f"{source.name}: {source.open()}")
                 print(

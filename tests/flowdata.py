@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from egress_auditor.flows import FlowTable
-from egress_auditor.model import Attribution, Connection, Family, Flow, Process, Protocol, Summary
+from egress_auditor.model import Attribution, Connection, Family, Flow, Process, Summary, Transport
 
 START = 1767225600.0  # 2026-01-01T00:00:00Z
 
@@ -36,7 +36,7 @@ def proc(
 
 
 def conn(
-    process: Process, dst: str, dport: int, at: float, protocol: Protocol = Protocol.TCP, repeats: int = 1
+    process: Process, dst: str, dport: int, at: float, protocol: Transport = Transport.TCP, repeats: int = 1
 ) -> Connection:
     address = ipaddress.ip_address(dst)
     family = Family.IPV4 if address.version == 4 else Family.IPV6
@@ -120,7 +120,7 @@ def sample_connections() -> list[Connection]:
         conn(WGET, "192.0.2.10", 443, START + 5),
         conn(CURL, "192.0.2.10", 80, START + 2),
         conn(SSH_GONE, "198.51.100.7", 22, START + 10),
-        conn(NTP, "203.0.113.5", 123, START + 3, protocol=Protocol.UDP, repeats=2),
+        conn(NTP, "203.0.113.5", 123, START + 3, protocol=Transport.UDP, repeats=2),
         conn(KERNEL_WWW, "192.0.2.20", 8080, START + 4),
         conn(KERNEL_ROOT, "192.0.2.20", 8080, START + 6),
         conn(APT, "2001:db8::1", 443, START + 20, repeats=5),

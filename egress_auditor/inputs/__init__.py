@@ -1,14 +1,14 @@
 """Inputs turn what the kernel reports into Connection values.
 
-An input provides: open() -> str (what it attached, for the start-up line),
-poll(timeout_s, emit), sync(emit, on_count), stats() -> InputStats, close().
+`Input` is what a trace run asks of an input; `InputBase` gives the optional
+methods their defaults, so a plugin writes only what it does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol as Interface
+from typing import Protocol
 
 from egress_auditor.model import Connection, FlowKey
 
@@ -23,15 +23,39 @@ class InputStats:
     map_full: int = 0  # connects that found the flow map full (sent one by one)
 
 
-class Input(Interface):
-    name: str
+class Input(Protocol):
+    name: str  # the plugin's name, as in -i NAME
 
-    def open(self) -> str: ...
+    def open(self) -> str:
+        """Attach to the kernel; returns what was attached, for the start-up line."""
+        ...
 
-    def poll(self, timeout_s: float, emit: Emit) -> None: ...
+    def poll(self, timeout_s: float, emit: Emit) -> None:
+        """Hand each new connection to `emit`, waiting at most `timeout_s` for one."""
+        ...
 
-    def sync(self, emit: Emit, on_count: OnCount) -> None: ...
+    def sync(self, emit: Emit, on_count: OnCount) -> None:
+        """Report counts kept in the kernel (`on_count`) and flows whose event was lost (`emit`)."""
+        ...
 
     def stats(self) -> InputStats: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Detach; called once, whether or not open() succeeded."""
+        ...
+
+    def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
+        """Before open(): keep only connections from this cgroup and below (trace -- CMD)."""
+        ...
+
+
+class InputBase:
+    """Defaults for an input's optional methods."""
+
+    name = ""
+
+    def sync(self, emit: Emit, on_count: OnCount) -> None:
+        """Nothing to fold: every connection arrives as its own event."""
+
+    def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
+        """No filter in the kernel: the run drops connections from outside the command's cgroup itself."""

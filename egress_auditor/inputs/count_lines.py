@@ -15,6 +15,7 @@ import ctypes
 import mmap
 from array import array
 
+# The layout below repeats bpf/events.h (struct ea_count_slot); tests/unit/test_events_header.py checks it.
 LINE_BYTES = 64
 LINE_SLOTS = 2  # EA_LINE_SLOTS
 SLOT_WORDS = 4  # fp, fp2, count, last_ns

@@ -30,7 +30,7 @@ from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
 from egress_auditor.inputs.count_lines import LINE_MUL, CountLines, line_bits
 from egress_auditor.inputs.task_fields import task_fields
-from egress_auditor.model import Connection, Family, FlowKey, Process, Protocol
+from egress_auditor.model import Connection, Family, FlowKey, Process, Transport
 from egress_auditor.plugins import Option, Plugin, positive_int
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -406,7 +406,7 @@ class EbpfInput:
         src = to_address(family, event.saddr)
         return Connection(
             time=event.ts_ns / 1e9 + self._epoch_offset,
-            protocol=Protocol(event.protocol),
+            protocol=Transport(event.protocol),
             family=family,
             src=None if src.is_unspecified else src,
             sport=event.sport,
@@ -518,7 +518,7 @@ class EbpfInput:
         family = Family(key.family)
         dst = to_address(family, key.daddr)
         comm = decode_comm(bytes(key.comm))
-        return FlowKey(Protocol(key.protocol), family, dst, self._port(key.dport), key.uid, comm)
+        return FlowKey(Transport(key.protocol), family, dst, self._port(key.dport), key.uid, comm)
 
     def _flow_entries(self) -> Iterator[tuple[bytes, int, int, int, int, int]]:
         """(raw key, count, first_ns, last_ns, fingerprint words) of every kernel flow, read in

@@ -1,6 +1,6 @@
 """The nflog input: packet copies from an NFLOG group (nfnetlink_log).
 
-The Go tool's way keeps working: add your own rule, e.g.
+A rule of your own works: add it, e.g.
 `iptables -I OUTPUT -m state --state NEW -p tcp -j NFLOG --nflog-group 100`,
 and run `egress-auditor trace -i nflog -I nflog:group:100`. With
 `-I nflog:setup:auto` the input installs (and removes) rules of its own.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NfQueue, queue_counters
+from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NfQueue
 from egress_auditor.netfilter.source import NetfilterInput, Received, can_admin_network, rcvbuf_option, setup_option
 from egress_auditor.plugins import Option, Plugin, positive_int
 
@@ -71,9 +71,6 @@ class NfqueueInput(NetfilterInput):
 
     def socket_overruns(self) -> int:
         return self.queue.nl.overruns if self.queue is not None else 0
-
-    def kernel_counters(self) -> dict[str, int] | None:
-        return queue_counters(self.number)
 
     def release(self) -> None:
         if self.queue is not None:

@@ -4,7 +4,8 @@ The connect programs key each flow by the process name and uid. The helpers
 that read them (bpf_get_current_comm, bpf_get_current_uid_gid) cost about 70
 ns per connect here, and two loads from the current task cost a few: the
 programs read task->comm and task->cred->uid/gid straight through
-bpf_get_current_task_btf() when the offsets below are known (design log).
+bpf_get_current_task_btf() when the offsets below are known
+(docs/decisions/task-fields-from-btf.md).
 The offsets come from /sys/kernel/btf/vmlinux, which describes this very
 kernel, never from the kernel headers BCC compiles with (they may be another
 version's). libbpf, which BCC depends on, parses it in about 10 ms.

@@ -2,7 +2,7 @@
 
 Written with the socket and struct modules: no maintained Python library
 speaks nfnetlink_log or nfnetlink_queue with the uid/gid, sequence and
-fail-open flags this tool needs (see docs/architecture.md). Constants are
+fail-open flags this tool needs (see docs/decisions/nfnetlink-by-hand.md). Constants are
 from the kernel's uapi headers linux/netfilter/nfnetlink_{log,queue}.h.
 """
 
@@ -337,21 +337,3 @@ class NfQueue:
 
     def close(self) -> None:
         self.nl.close()  # the kernel forgets the queue; rules with --queue-bypass then let packets through
-
-
-def queue_counters(queue: int, path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[str, int] | None:
-    """The kernel's counters for a queue in this network namespace (dropped, user_dropped, id_sequence)."""
-    try:
-        with open(path, encoding="ascii") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) >= 8 and int(fields[0]) == queue:
-                    return {
-                        "total": int(fields[2]),
-                        "dropped": int(fields[5]),
-                        "user_dropped": int(fields[6]),
-                        "id_sequence": int(fields[7]),
-                    }
-    except (OSError, ValueError):
-        return None
-    return None

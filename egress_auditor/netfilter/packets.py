@@ -12,7 +12,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from egress_auditor.model import Family, IPAddress, Protocol
+from egress_auditor.model import Family, IPAddress, Transport
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 # IPv6 extension headers that may come before TCP/UDP and share the (next, length) layout.
@@ -24,7 +24,7 @@ _MAX_EXTENSIONS = 8  # a bound on the walk: hostile chains cannot make it loop l
 @dataclass(frozen=True)
 class Packet:
     family: Family
-    protocol: Protocol
+    protocol: Transport
     src: IPAddress
     sport: int
     dst: IPAddress
@@ -35,7 +35,7 @@ class Packet:
     @property
     def is_connection_start(self) -> bool:
         """A TCP SYN without ACK/RST/FIN, or any UDP packet (the rules match conntrack NEW)."""
-        if self.protocol is Protocol.UDP:
+        if self.protocol is Transport.UDP:
             return True
         return self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 
@@ -73,7 +73,7 @@ def _parse_ipv6(data: bytes) -> Packet | None:
     dst = ipaddress.IPv6Address(data[24:40])
     offset = 40
     for _ in range(_MAX_EXTENSIONS):
-        if next_header in (Protocol.TCP, Protocol.UDP):
+        if next_header in (Transport.TCP, Transport.UDP):
             return _transport(Family.IPV6, next_header, data, offset, src, dst)
         if next_header == _IPV6_FRAGMENT:
             if len(data) < offset + 8 or struct.unpack_from("!H", data, offset + 2)[0] & 0xFFF8:
@@ -91,14 +91,14 @@ def _parse_ipv6(data: bytes) -> Packet | None:
 def _transport(
     family: Family, protocol: int, data: bytes, offset: int, src: IPAddress, dst: IPAddress
 ) -> Packet | None:
-    if protocol == Protocol.TCP:
+    if protocol == Transport.TCP:
         if len(data) < offset + 14:
             return None
         sport, dport, seq = struct.unpack_from("!HHI", data, offset)
-        return Packet(family, Protocol.TCP, src, sport, dst, dport, data[offset + 13], seq)
-    if protocol == Protocol.UDP:
+        return Packet(family, Transport.TCP, src, sport, dst, dport, data[offset + 13], seq)
+    if protocol == Transport.UDP:
         if len(data) < offset + 4:
             return None
         sport, dport = struct.unpack_from("!HH", data, offset)
-        return Packet(family, Protocol.UDP, src, sport, dst, dport)
+        return Packet(family, Transport.UDP, src, sport, dst, dport)
     return None

@@ -40,8 +40,6 @@ _NFT_MATCHES = (
 )
 TIMEOUT_S = 20
 
-Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
-
 
 def run_command(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)

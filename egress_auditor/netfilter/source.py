@@ -18,8 +18,8 @@ from typing import Any
 
 from egress_auditor import host
 from egress_auditor.errors import AuditorError
-from egress_auditor.inputs import Emit, InputStats, OnCount
-from egress_auditor.model import Attribution, Connection, Process, Protocol
+from egress_auditor.inputs import Emit, InputBase, InputStats
+from egress_auditor.model import Attribution, Connection, Process, Transport
 from egress_auditor.netfilter import packets
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError
 from egress_auditor.netfilter.rules import Firewall, Owner, Target
@@ -31,7 +31,7 @@ MAX_BACKLOG = 16384  # datagrams waiting for poll(); beyond that they are droppe
 MAX_BATCH = 256  # datagrams decoded per poll() call, so the display and signals stay responsive
 READ_WAIT_S = 0.2  # how long the reader thread blocks before it looks at the stop flag
 SEQ_MOD = 1 << 32
-REPEAT_WINDOW_S = {Protocol.TCP: 130.0, Protocol.UDP: 30.0}  # SYN retries end after ~127 s; unreplied UDP: 30 s
+REPEAT_WINDOW_S = {Transport.TCP: 130.0, Transport.UDP: 30.0}  # SYN retries end after ~127 s; unreplied UDP: 30 s
 MAX_RECENT = 65536
 CAP_NET_ADMIN = 12
 
@@ -96,7 +96,7 @@ class LossCounter:
         self.expected = (seq + 1) % SEQ_MOD
 
 
-class NetfilterInput:
+class NetfilterInput(InputBase):
     """Base of the nflog and nfqueue inputs: subclasses bind the socket and read one message kind."""
 
     name = ""
@@ -248,9 +248,6 @@ class NetfilterInput:
             input=self.name,
             process=process,
         )
-
-    def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Nothing to fold: every connection arrives as its own message."""
 
     def lost(self) -> int:
         overruns = self.socket_overruns()

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from egress_auditor import aggregate as aggregation
 from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
-from egress_auditor.model import Connection, Family, Flow, Summary
+from egress_auditor.model import Family, Flow, Summary
+from egress_auditor.outputs import OutputBase
+from egress_auditor.outputs.firewall import rule_comments, write_atomically
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.policy import Policy, policy_options
-from egress_auditor.provenance import VERBOSE_OPTION, header_lines, rule_lines
+from egress_auditor.provenance import VERBOSE_OPTION, header_lines
 from egress_auditor.rules import comment_text
 from egress_auditor.scope import SCOPES, ScopedRule
 
@@ -21,14 +21,6 @@ ESTABLISHED = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
 LOOPBACK = "-o lo -j ACCEPT"
 # Without neighbour discovery a DROP policy cuts IPv6 off entirely.
 NDP_TYPES = ("router-solicitation", "neighbour-solicitation", "neighbour-advertisement")
-
-
-def describe_rule(scoped: ScopedRule, verbose: int) -> list[str]:
-    """The `#` lines above a rule (provenance.rule_lines), escaped for a comment line."""
-    lines = rule_lines(scoped.rule, verbose)
-    if scoped.note:
-        lines.append(f"  {scoped.note}")
-    return ["# " + comment_line(line) for line in lines]
 
 
 def scoped_rules(flows: list[Flow], scope: str) -> list[ScopedRule]:
@@ -75,7 +67,7 @@ def render_commands(
         lines.append("# no connections seen")
     for scoped in rules:
         binary = "iptables" if scoped.rule.family is Family.IPV4 else "ip6tables"
-        lines.extend(describe_rule(scoped, verbose))
+        lines.extend(rule_comments(scoped, verbose))
         lines.append(f"{binary} -I OUTPUT {rule_spec(scoped)}")
     if policy.guarded:
         # -I puts each rule first: these go last so they end up on top.
@@ -115,7 +107,7 @@ def render_restore(
         lines.extend(f"-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT" for ndp in NDP_TYPES)
     for scoped in rules:
         if scoped.rule.family is family:
-            lines.extend(describe_rule(scoped, verbose))
+            lines.extend(rule_comments(scoped, verbose))
             lines.append(f"-A OUTPUT {rule_spec(scoped)}")
     if policy.audit:
         lines.append(f"-A OUTPUT {audit_target(policy)}")
@@ -123,23 +115,7 @@ def render_restore(
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Readers (iptables-persistent at boot) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class IptablesOutput:
+class IptablesOutput(OutputBase):
     name = "iptables"
 
     def __init__(self, options: dict[str, Any]) -> None:
@@ -149,9 +125,6 @@ class IptablesOutput:
         self.dir: str = options["dir"]
         self.scope: str = options["scope"]
         self.aggregate: tuple[int, int] | None = options["aggregate"]
-
-    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
-        """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         rules = aggregation.aggregate(scoped_rules(flows, self.scope), self.aggregate)

@@ -15,11 +15,12 @@ from typing import Any, TextIO
 
 from egress_auditor.errors import UsageError
 from egress_auditor.model import Connection, Flow, Summary
+from egress_auditor.outputs import OutputBase
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.records import drift_record, flow_record, line, summary_record
 
 
-class JsonLinesOutput:
+class JsonLinesOutput(OutputBase):
     name = "json"
 
     def __init__(self, options: dict[str, Any], stdout: TextIO | None = None) -> None:

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from egress_auditor.errors import UsageError
 from egress_auditor.model import Connection, Flow, Summary
+from egress_auditor.outputs import OutputBase
 from egress_auditor.plugins import Option, Plugin, positive_int
 from egress_auditor.records import drift_record, flow_record, summary_record
 
@@ -92,7 +93,7 @@ def payload(entries: list[Entry]) -> bytes:
     return gzip.compress(json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode("ascii"))
 
 
-class LokiOutput:
+class LokiOutput(OutputBase):
     name = "loki"
 
     def __init__(self, options: dict[str, Any], stderr: TextIO | None = None) -> None:

@@ -14,11 +14,12 @@ from typing import Any
 from egress_auditor import aggregate as aggregation
 from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
-from egress_auditor.model import Connection, Family, Flow, Summary
-from egress_auditor.outputs.iptables import write_atomically
+from egress_auditor.model import Family, Flow, Summary
+from egress_auditor.outputs import OutputBase
+from egress_auditor.outputs.firewall import rule_comments, write_atomically
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.policy import Policy, policy_options
-from egress_auditor.provenance import VERBOSE_OPTION, header_lines, rule_lines
+from egress_auditor.provenance import VERBOSE_OPTION, header_lines
 from egress_auditor.rules import comment_text
 from egress_auditor.scope import ScopedRule
 
@@ -33,10 +34,6 @@ def scoped_rules(flows: Iterable[Flow], scope: str) -> list[ScopedRule]:
     return scoping.scoped_rules(flows, scope, nft_cgroup_path, "nft")
 
 
-def _comments(lines: Iterable[str], indent: str) -> list[str]:
-    return [f"{indent}# {comment_line(line)}" for line in lines]
-
-
 def _match(scoped: ScopedRule) -> str:
     rule = scoped.rule
     address, _ = _ADDRESS[rule.family]
@@ -46,13 +43,6 @@ def _match(scoped: ScopedRule) -> str:
     elif scoped.uid is not None:
         scope = f"meta skuid {scoped.uid} "
     return f"{scope}{address} daddr {rule.destination} {rule.protocol.name.lower()} dport {rule.dport}"
-
-
-def _explain(scoped: ScopedRule, verbose: int) -> list[str]:
-    lines = rule_lines(scoped.rule, verbose)
-    if scoped.note:
-        lines.append(f"  {scoped.note}")
-    return lines
 
 
 def _set_name(family: Family) -> str:
@@ -66,7 +56,6 @@ def render(
     scoped = aggregation.aggregate(scoped_rules(flows, scope), prefixes)
     by_uid = scope != "none"
     sets: dict[Family, list[ScopedRule]] = {}
-    singles: list[ScopedRule] = []
     for family in (Family.IPV4, Family.IPV6):
         settable = [s for s in scoped if s.rule.family is family and s.cgroup is None]
         if len(settable) >= SET_MIN:
@@ -80,7 +69,7 @@ def render(
         lines.append("# socket cgroupv2 paths are looked up when the file is loaded: each cgroup must exist then")
     lines += [f"table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
     for family, members in sets.items():
-        address, type_ = _ADDRESS[family]
+        _, type_ = _ADDRESS[family]
         key = f"{type_} . inet_proto . inet_service" + (" . uid" if by_uid else "")
         lines += [f"\tset {_set_name(family)} {{", f"\t\ttype {key}"]
         if any(s.rule.prefix is not None for s in members):
@@ -89,7 +78,7 @@ def render(
         for s in members:
             element = f"{s.rule.destination} . {s.rule.protocol.name.lower()} . {s.rule.dport}"
             element += f" . {s.uid}" if by_uid else ""
-            lines += _comments(_explain(s, verbose), "\t\t\t")
+            lines += rule_comments(s, verbose, "\t\t\t")
             lines.append(f'\t\t\t{element} comment "{nft_comment(comment_text(s.rule))}",')
         lines += ["\t\t}", "\t}", ""]
     lines += [
@@ -110,7 +99,7 @@ def render(
         key = f"{address} daddr . meta l4proto . th dport" + (" . meta skuid" if by_uid else "")
         lines.append(f'\t\t{key} @{_set_name(family)} accept comment "destinations seen, one element each"')
     for s in singles:
-        lines += _comments(_explain(s, verbose), "\t\t")
+        lines += rule_comments(s, verbose, "\t\t")
         lines.append(f'\t\t{_match(s)} accept comment "{nft_comment(comment_text(s.rule))}"')
     if policy.audit:
         lines.append(
@@ -121,7 +110,7 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-class NftablesOutput:
+class NftablesOutput(OutputBase):
     name = "nftables"
 
     def __init__(self, options: dict[str, Any]) -> None:
@@ -130,9 +119,6 @@ class NftablesOutput:
         self.scope: str = options["scope"]
         self.file: str = options["file"]
         self.aggregate: tuple[int, int] | None = options["aggregate"]
-
-    def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
-        """Rules are rendered from the final flows; nothing to do per event."""
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         text = render(flows, summary, self.verbose, self.policy, self.scope, self.aggregate)

@@ -22,7 +22,7 @@ from netns import Link, Namespace, http_server
 from egress_auditor.errors import AuditorError
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir, plan_attach, program_text
-from egress_auditor.model import Connection, Family, FlowKey, Protocol
+from egress_auditor.model import Connection, Family, FlowKey, Transport
 
 HTTP_PORT = 18080
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
@@ -177,7 +177,7 @@ def test_connect_is_reported_with_process_and_destination(
     uid = NOBODY_UID if as_nobody else 0
     assert (event.pid, event.uid, event.gid, event.comm) == (pid, uid, NOBODY_GID if as_nobody else 0, comm)
     assert event.family is (Family.IPV4 if family == 4 else Family.IPV6)
-    assert event.protocol is Protocol.TCP
+    assert event.protocol is Transport.TCP
     # The default path here, the cgroup connect hook, runs before the source address is chosen.
     assert (event.src, event.sport) == (None, 0)
     assert event.process.pid == pid and event.process.name == comm
@@ -223,7 +223,7 @@ def test_a_tcp_connect_is_counted_once_on_each_path(open_input: Callable[..., Eb
     with http_server(net.b, HTTP_PORT):
         info = run_client(net.a, 6, net.b6, [HTTP_PORT], repeats=repeats)
     assert info["connected"] == repeats
-    key = FlowKey(Protocol.TCP, Family.IPV6, ipaddress.ip_address(net.b6), HTTP_PORT, 0, info["comm"])
+    key = FlowKey(Transport.TCP, Family.IPV6, ipaddress.ip_address(net.b6), HTTP_PORT, 0, info["comm"])
     for source in (cgroup, tracepoint):
         received = Received()
         assert poll_until(source, received, lambda got=received: bool(got.to(net.b6, HTTP_PORT)))
@@ -244,7 +244,7 @@ def test_repeats_give_one_event_and_an_exact_kernel_count(open_input: Callable[.
     drain(source, received)
     assert len(received.to(net.b4, HTTP_PORT)) == 1
     received.sync(source)
-    key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), HTTP_PORT, 0, info["comm"])
+    key = FlowKey(Transport.TCP, Family.IPV4, ipaddress.ip_address(net.b4), HTTP_PORT, 0, info["comm"])
     assert received.counts[key] == repeats
     # The flow was announced by its event: sync() must not hand it over again.
     assert [c for c in received.synced if c.dst == key.dst] == []
@@ -394,7 +394,7 @@ def test_repeats_after_a_sync_are_counted_in_the_flows_count_line_exactly(
     received = Received()
     assert poll_until(source, received, lambda: bool(received.to(net.b4, port)))
     received.sync(source)  # the flow repeated: it gets a slot
-    key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), port, 0, info["comm"])
+    key = FlowKey(Transport.TCP, Family.IPV4, ipaddress.ip_address(net.b4), port, 0, info["comm"])
     assert received.counts[key] == first
 
     raw, value = our_flow_entry(source, net.b4, port)
@@ -454,7 +454,7 @@ def test_count_lines_off_counts_in_the_map_alone(open_input: Callable[..., EbpfI
     received.sync(source)
     run_client(net.a, 4, net.b4, [port], repeats=4)
     received.sync(source)
-    key = FlowKey(Protocol.TCP, Family.IPV4, ipaddress.ip_address(net.b4), port, 0, info["comm"])
+    key = FlowKey(Transport.TCP, Family.IPV4, ipaddress.ip_address(net.b4), port, 0, info["comm"])
     assert received.counts[key] == 8
     value = our_flow_entry(source, net.b4, port)[1]
     assert (value.fp, value.fp2) == (0, 0), "no fingerprint without count lines"

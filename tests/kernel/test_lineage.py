@@ -19,7 +19,7 @@ from netns import Namespace
 
 from egress_auditor.cgroups import CgroupResolver, cgroup2_mount
 from egress_auditor.lineage import LineageTracer
-from egress_auditor.model import Attribution, Connection, Process, Protocol
+from egress_auditor.model import Attribution, Connection, Process, Transport
 from egress_auditor.plugins import select
 from egress_auditor.process import Attributor, ProcessResolver
 
@@ -71,7 +71,7 @@ class Collector:
             self.input.poll(0.05, queued.append)
             self.lineage.consume()
             for conn in queued:
-                if conn.protocol is Protocol.TCP and conn.dport in ports and str(conn.dst) == "127.0.0.1":
+                if conn.protocol is Transport.TCP and conn.dport in ports and str(conn.dst) == "127.0.0.1":
                     found[conn.dport] = (conn, self.attributor.attribute(conn))
         assert set(found) == ports, f"connections to {sorted(ports - set(found))} never arrived"
         return found

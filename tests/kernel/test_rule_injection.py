@@ -20,7 +20,7 @@ from egress_auditor.rules import Rule, rules_from_flows
 
 RuleKey = tuple[str, str, str, str]  # destination/prefix, protocol, port, comment
 MARKERS = "PQRSTUVWXYZ"
-# The part of a verbose-2 line that comes before a command line (see describe_rule).
+# The part of a verbose-2 line that comes before a command line (see outputs/firewall.rule_comments).
 CMDLINE_PREFIX = "#     command line: "
 RESTORE_CHUNK = 10239  # iptables-restore reads a line in fgets(10240) pieces
 

@@ -25,7 +25,7 @@ from egress_auditor import host
 from egress_auditor.escape import rule_comment, terminal_text
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput
-from egress_auditor.model import Connection, FlowKey, Protocol
+from egress_auditor.model import Connection, FlowKey, Transport
 
 HTTP_PORT = 18090
 ECHO_PORT = 5301
@@ -88,7 +88,7 @@ class Collector:
         self.source.poll(0, self._take)
         self.source.sync(self._take, self.table.set_kernel_count)
 
-    def to(self, dst: str, dport: int | None = None, protocol: Protocol | None = None) -> list[Connection]:
+    def to(self, dst: str, dport: int | None = None, protocol: Transport | None = None) -> list[Connection]:
         address = ipaddress.ip_address(dst)
         return [
             c
@@ -134,12 +134,12 @@ def test_unconnected_and_connected_udp_are_flows_counted_in_the_kernel(
     host = getattr(net, side)
     pid = udp_client(net, {"host": host, "sendto": [5201], "repeats": 25, "connected": [5202], "silent": [5203]})
     collector.settle(lambda: len(collector.to(host, 5202)) >= 1)
-    sent = collector.to(host, 5201, Protocol.UDP)
+    sent = collector.to(host, 5201, Transport.UDP)
     assert len(sent) == 1, "repeats of a flow cross to user space once"
     # The kernel's comm is the name the client was started by (python3, or python in a venv).
     assert sent[0].pid == pid and sent[0].comm == Path(sys.executable).name[:15]
     assert collector.count(sent[0]) == 25
-    connected = collector.to(host, 5202, Protocol.UDP)
+    connected = collector.to(host, 5202, Transport.UDP)
     assert [c.pid for c in connected] == [pid]
     # A UDP connect that never sends (glibc's address sorting) is no flow.
     assert collector.to(host, 5203) == []
@@ -164,7 +164,7 @@ for i in range(200):
 def test_a_closed_silent_socket_leaves_nothing_for_the_next_one(net: Link, collector: Collector) -> None:
     net.a.run([sys.executable, "-c", REUSE_CLIENT, net.b4, "6000", "7000"])
     collector.settle(lambda: len(collector.to(net.b4, 7000)) >= 1)
-    found = collector.to(net.b4, protocol=Protocol.UDP)
+    found = collector.to(net.b4, protocol=Transport.UDP)
     assert [c.dport for c in found] == [7000], sorted({c.dport for c in found})[:10]
     assert collector.count(found[0]) == 200
 
@@ -185,14 +185,14 @@ def test_a_connected_socket_keeps_its_peer_through_a_sendto_elsewhere(net: Link,
     """The send hook forgets pending connects only for unconnected sockets."""
     net.a.run([sys.executable, "-c", SENDTO_THEN_SEND, net.b4])
     collector.settle(lambda: len(collector.to(net.b4, 7101)) >= 1)
-    assert sorted(c.dport for c in collector.to(net.b4, protocol=Protocol.UDP)) == [7101, 7102]
+    assert sorted(c.dport for c in collector.to(net.b4, protocol=Transport.UDP)) == [7101, 7102]
 
 
 def test_an_ipv4_mapped_udp_destination_is_ipv4(net: Link, collector: Collector) -> None:
     udp_client(net, {"host": f"::ffff:{net.b4}", "sendto": [5211], "connected": [5212]})
     collector.settle(lambda: len(collector.to(net.b4, 5212)) >= 1)
     for port in (5211, 5212):
-        found = collector.to(net.b4, port, Protocol.UDP)
+        found = collector.to(net.b4, port, Transport.UDP)
         assert len(found) == 1 and found[0].family.label == "IPv4"
 
 
@@ -212,9 +212,9 @@ def test_a_udp_servers_replies_are_not_flows(net: Link, dns: str) -> None:
         )
         net.a.run([sys.executable, "-c", ask])
         collector.settle(lambda: len(collector.to(net.b4, ECHO_PORT)) >= 1)
-        assert len(collector.to(net.b4, ECHO_PORT, Protocol.UDP)) == 1
+        assert len(collector.to(net.b4, ECHO_PORT, Transport.UDP)) == 1
         # The echo back to the client's port comes from the server: a reply, not a destination.
-        assert collector.to(net.a4, protocol=Protocol.UDP) == []
+        assert collector.to(net.a4, protocol=Transport.UDP) == []
     finally:
         server.kill()
         server.wait()
@@ -232,10 +232,10 @@ def test_dns_names_from_dnsmasq_over_ipv4_and_ipv6(net: Link, collector: Collect
             net.a.run(["curl", "-6", "-sS", "-o", "/dev/null", f"http://svc.example.test:{HTTP_PORT}/"])
         collector.settle(lambda: len(collector.to(net.b6, HTTP_PORT)) >= 1)
     # The resolver traffic itself: UDP to port 53 over IPv4 and IPv6.
-    assert collector.to(net.b4, 53, Protocol.UDP) and collector.to(net.b6, 53, Protocol.UDP)
-    over_v4 = collector.to(net.b4, HTTP_PORT, Protocol.TCP)
+    assert collector.to(net.b4, 53, Transport.UDP) and collector.to(net.b6, 53, Transport.UDP)
+    over_v4 = collector.to(net.b4, HTTP_PORT, Transport.TCP)
     assert [c.hostname for c in over_v4] == ["alias.example.test"], "the CNAME is followed to the name asked for"
-    over_v6 = collector.to(net.b6, HTTP_PORT, Protocol.TCP)
+    over_v6 = collector.to(net.b6, HTTP_PORT, Transport.TCP)
     assert [c.hostname for c in over_v6] == ["svc.example.test"]
 
 
@@ -257,7 +257,7 @@ def test_dns_over_tcp_and_names_kept_per_process(net: Link, collector: Collector
         for name, transport, comm in asks:
             net.a.run([sys.executable, "-c", client, name, net.b4, str(HTTP_PORT), transport, comm])
         collector.settle(lambda: len(collector.to(net.b4, HTTP_PORT)) >= 2)
-    names = {c.comm: c.hostname for c in collector.to(net.b4, HTTP_PORT, Protocol.TCP)}
+    names = {c.comm: c.hostname for c in collector.to(net.b4, HTTP_PORT, Transport.TCP)}
     assert names == {"resolver-one": "one.example.test", "resolver-two": "two.example.test"}
 
 
@@ -356,13 +356,13 @@ def test_the_syscall_path_sees_udp_where_cgroup_hooks_are_not_used(net: Link) ->
         collector = Collector(source)
         pid = udp_client(net, {"host": net.b4, "sendto": [5221], "repeats": 5, "connected": [5222]})
         collector.settle(lambda: len(collector.to(net.b4, 5222)) >= 1)
-        sent = collector.to(net.b4, 5221, Protocol.UDP)
+        sent = collector.to(net.b4, 5221, Transport.UDP)
         assert [c.pid for c in sent] == [pid] and collector.count(sent[0]) == 5
-        assert [c.pid for c in collector.to(net.b4, 5222, Protocol.UDP)] == [pid]
+        assert [c.pid for c in collector.to(net.b4, 5222, Transport.UDP)] == [pid]
         # A TCP connect on this path is still only TCP.
         net.a.run(["curl", "-s", "-o", "/dev/null", "--max-time", "2", f"http://{net.b4}:9/"], check=False)
         collector.settle(lambda: len(collector.to(net.b4, 9)) >= 1)
-        assert {c.protocol for c in collector.to(net.b4, 9)} == {Protocol.TCP}
+        assert {c.protocol for c in collector.to(net.b4, 9)} == {Transport.TCP}
     finally:
         source.close()
 
@@ -454,5 +454,5 @@ def test_names_through_a_local_stub_resolver(net: Link, collector: Collector) ->
         finally:
             resolver.kill()
             resolver.wait()
-    assert [c.comm for c in collector.to("127.0.0.53", 53, Protocol.UDP)] == ["curl"]
-    assert [c.hostname for c in collector.to(net.b4, HTTP_PORT, Protocol.TCP)] == ["stub.example.test"]
+    assert [c.comm for c in collector.to("127.0.0.53", 53, Transport.UDP)] == ["curl"]
+    assert [c.hostname for c in collector.to(net.b4, HTTP_PORT, Transport.TCP)] == ["stub.example.test"]

@@ -13,7 +13,7 @@ from flowdata import START, conn, proc, summary
 
 from egress_auditor.baseline import diff
 from egress_auditor.capture import read_captures
-from egress_auditor.model import Connection, Protocol
+from egress_auditor.model import Connection, Transport
 from unit.test_capture import capture
 
 EGRESS_AUDITOR = Path(sys.executable).with_name("egress-auditor")
@@ -33,7 +33,7 @@ def write(tmp_path: Path) -> tuple[Path, Path]:
     old = [
         conn(CURL, "192.0.2.10", 443, START),
         named(conn(CURL, "198.51.100.6", 443, START + 1), "cdn.example.com"),
-        conn(CURL, "192.0.2.53", 53, START + 2, protocol=Protocol.UDP),
+        conn(CURL, "192.0.2.53", 53, START + 2, protocol=Transport.UDP),
     ]
     new = [
         conn(CURL, "192.0.2.10", 443, START + 100, repeats=4),
@@ -49,7 +49,7 @@ def test_added_gone_and_rotated_addresses(tmp_path: Path) -> None:
     old, new = write(tmp_path)
     changes = diff(read_captures([str(old)]).flows, read_captures([str(new)]).flows)
     assert [(str(r.dst), r.dport) for r in changes.added] == [("203.0.113.9", 8443)]
-    assert [(str(r.dst), r.dport, r.protocol) for r in changes.gone] == [("192.0.2.53", 53, Protocol.UDP)]
+    assert [(str(r.dst), r.dport, r.protocol) for r in changes.gone] == [("192.0.2.53", 53, Transport.UDP)]
     old_address = ipaddress.ip_address("198.51.100.6")
     assert [(str(r.dst), names) for r, names in changes.readdressed] == [
         ("198.51.100.7", [("CDN.example.com", [old_address])])

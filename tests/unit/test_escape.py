@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.text import Text
 
-from egress_auditor.escape import COMMENT_LINE_MAX, COMMENT_MAX, comment_line, rule_comment, shell_word, terminal_text
+from egress_auditor.escape import COMMENT_LINE_MAX, COMMENT_MAX, comment_line, rule_comment, terminal_text
 from egress_auditor.live import new_flow_line
 
 HOSTILE = [
@@ -198,26 +198,3 @@ def test_new_flow_line_ipv6() -> None:
     line = new_flow_line(conn(proc(7, "\x1b[2J", 0, "root"), "2001:db8::1", 443, START))
     assert "-> [2001:db8::1]:443" in line
     assert "by \\x1b[2J (pid 7" in line
-
-
-# ---------------------------------------------------------------- shell words
-
-
-def sh_printf(word: str) -> bytes:
-    return subprocess.run(["sh", "-c", f"printf %s {word}"], capture_output=True, timeout=10, check=True).stdout
-
-
-@given(ANY_TEXT_NO_NUL)
-@settings(max_examples=100, deadline=None)
-def test_shell_word_round_trips_through_sh(text: str) -> None:
-    assert sh_printf(shell_word(text)) == text.encode()
-
-
-@pytest.mark.parametrize("sample", [s for s in HOSTILE if "\x00" not in s])
-def test_shell_word_hostile_samples(sample: str) -> None:
-    assert sh_printf(shell_word(sample)) == sample.encode()
-
-
-def test_shell_word_drops_nul() -> None:
-    # argv cannot hold NUL: the word stands for the text without it.
-    assert sh_printf(shell_word("nul\x00byte")) == b"nulbyte"

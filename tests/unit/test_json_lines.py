@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from egress_auditor.errors import UsageError
 from egress_auditor.flows import FlowTable
-from egress_auditor.model import Attribution, Connection, Family, Protocol
+from egress_auditor.model import Attribution, Connection, Family, Transport
 from egress_auditor.outputs.json_lines import JsonLinesOutput
 from egress_auditor.plugins import select
 from egress_auditor.records import VERSION, schema
@@ -59,7 +59,7 @@ def test_schema_names_every_attribution_and_protocol() -> None:
     # The schema is written by hand: it must not drift from the model.
     defs = schema()["$defs"]
     assert defs["process"]["properties"]["attribution"]["enum"] == [a.value for a in Attribution]
-    assert defs["protocol"]["enum"] == [p.name.lower() for p in Protocol]
+    assert defs["protocol"]["enum"] == [p.name.lower() for p in Transport]
     assert defs["family"]["enum"] == [f.label.lower() for f in Family]
 
 

@@ -1,4 +1,4 @@
-"""The live table names each flow's service or container (issue 3), escaped for the terminal."""
+"""The live table names each flow's service or container, escaped for the terminal."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Command-line options: durations, the Go tool's flag-only form, plugin options,
+"""Command-line options: durations, the flag-only form, plugin options,
 and what the installed console script does with bad input."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import egress_auditor
 from egress_auditor.cli import app, normalise_argv, parse_duration
 from egress_auditor.errors import UsageError
 from egress_auditor.inputs.ebpf import PLUGIN as EBPF_PLUGIN
+from egress_auditor.model import Flow, Summary
+from egress_auditor.outputs import OutputBase
 from egress_auditor.plugins import Option, Plugin, registered, select
 
 # ---------------------------------------------------------------- durations
@@ -41,7 +43,7 @@ def test_parse_duration_rejects(text: str) -> None:
         assert form in message
 
 
-# ---------------------------------------------------------------- the Go tool's form
+# ---------------------------------------------------------------- the flag-only form
 
 GO_FORM = ["-i", "ebpf", "-o", "iptables", "-O", "iptables:verbose:2"]
 
@@ -178,13 +180,23 @@ def test_every_choice_is_accepted() -> None:
                     assert sel.chosen[plugin.name][option.key] == option.parse(plugin.name, choice)
 
 
+class JsonlOutput(OutputBase):
+    name = "jsonl"
+
+    def __init__(self, options: dict[str, str]) -> None:
+        self.options = options
+
+    def finish(self, flows: list[Flow], summary: Summary) -> str:
+        return ""
+
+
 def test_option_for_unselected_plugin() -> None:
     # A second output declared the way a third-party package would, so one can be left unselected.
     extra = Plugin(
         name="jsonl",
         kind="output",
         description="one JSON object per flow",
-        factory=lambda options: options,
+        factory=JsonlOutput,
         options=(Option("pretty", "indent the output", "0", ("0", "1")),),
     )
     available = {**registered("output"), "jsonl": extra}
@@ -194,7 +206,7 @@ def test_option_for_unselected_plugin() -> None:
     # Selected, the same option is accepted.
     sel = select("output", ["iptables", "jsonl"], ["jsonl:pretty:1"], default="iptables", available=available)
     assert sel.chosen["jsonl"] == {"pretty": "1"}
-    assert sel.create()[1] == {"pretty": "1"}
+    assert sel.create()[1].options == {"pretty": "1"}
 
 
 def test_input_option_for_unselected_default() -> None:

@@ -10,7 +10,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egress_auditor.model import Family, Protocol
+from egress_auditor.model import Family, Transport
 from egress_auditor.netfilter import netlink, packets
 from egress_auditor.netfilter.rules import (
     Owner,
@@ -51,7 +51,7 @@ def ipv6(next_header: int, body: bytes) -> bytes:
 def test_ipv4_tcp_syn() -> None:
     packet = packets.parse(ipv4(6, tcp(40000, 443, packets.TCP_SYN)))
     assert packet == packets.Packet(
-        Family.IPV4, Protocol.TCP, ipaddress.ip_address(SRC4), 40000, ipaddress.ip_address(DST4), 443, 0x02, 1
+        Family.IPV4, Transport.TCP, ipaddress.ip_address(SRC4), 40000, ipaddress.ip_address(DST4), 443, 0x02, 1
     )
     assert packet.is_connection_start
 
@@ -71,7 +71,7 @@ def test_only_a_bare_syn_starts_a_tcp_connection() -> None:
 
 def test_ipv4_udp_and_later_fragments() -> None:
     packet = packets.parse(ipv4(17, udp(5353, 53)))
-    assert packet is not None and packet.protocol is Protocol.UDP and packet.dport == 53 and packet.is_connection_start
+    assert packet is not None and packet.protocol is Transport.UDP and packet.dport == 53 and packet.is_connection_start
     assert packets.parse(ipv4(17, udp(5353, 53), fragment=0x0010)) is None  # offset 16*8: no ports there
     assert packets.parse(ipv4(1, b"\x08\x00" + b"\0" * 6)) is None  # ICMP is not a connection
 
@@ -80,7 +80,7 @@ def test_ipv6_tcp_and_udp() -> None:
     syn = packets.parse(ipv6(6, tcp(50000, 5432, packets.TCP_SYN)))
     assert syn is not None and syn.family is Family.IPV6 and str(syn.dst) == DST6 and syn.dport == 5432
     datagram = packets.parse(ipv6(17, udp(1, 123)))
-    assert datagram is not None and datagram.protocol is Protocol.UDP and datagram.dport == 123
+    assert datagram is not None and datagram.protocol is Transport.UDP and datagram.dport == 123
 
 
 def test_ipv6_extension_headers_are_walked() -> None:

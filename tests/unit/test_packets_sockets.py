@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from egress_auditor.model import Family, Protocol
+from egress_auditor.model import Family, Transport
 from egress_auditor.netfilter.packets import Packet
 from egress_auditor.sockets import SocketTable, match, parse_table
 
@@ -35,7 +35,7 @@ def line(local: str, remote: str, state: int, uid: int, inode: int) -> str:
 
 
 def tcp4(src: str, sport: int, dst: str, dport: int) -> Packet:
-    return Packet(Family.IPV4, Protocol.TCP, ipaddress.ip_address(src), sport, ipaddress.ip_address(dst), dport, 2)
+    return Packet(Family.IPV4, Transport.TCP, ipaddress.ip_address(src), sport, ipaddress.ip_address(dst), dport, 2)
 
 
 def test_a_proc_net_line_is_read_in_host_byte_order() -> None:
@@ -72,7 +72,7 @@ def test_a_dual_stack_socket_matches_an_ipv4_packet() -> None:
 
 def test_an_unconnected_udp_socket_matches_by_port() -> None:
     entries = parse_table([line(hex4("0.0.0.0", 5353), hex4("0.0.0.0", 0), 7, 1000, 88)])
-    packet = Packet(Family.IPV4, Protocol.UDP, ipaddress.ip_address("10.0.0.1"), 5353,
+    packet = Packet(Family.IPV4, Transport.UDP, ipaddress.ip_address("10.0.0.1"), 5353,
                     ipaddress.ip_address("192.0.2.53"), 53)  # fmt: skip
     found = match(entries, packet)
     assert found is not None and found.inode == 88

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from egress_auditor import trace
-from egress_auditor.inputs import InputStats
+from egress_auditor.inputs import InputBase, InputStats
 from egress_auditor.live import PlainLog
 from egress_auditor.trace import TraceRun
 
 
-class ScriptedInput:
+class ScriptedInput(InputBase):
     """A sync that takes `cost` seconds; events lost from `lose_at` seconds after open()."""
 
     name = "scripted"
