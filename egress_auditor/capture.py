@@ -20,6 +20,7 @@ from egress_auditor.errors import AuditorError, UsageError
 from egress_auditor.flows import FlowTable
 from egress_auditor.model import Attribution, Connection, Family, Flow, FlowKey, Process, Protocol, Summary
 from egress_auditor.records import VERSION
+from egress_auditor.redact import redact_process
 
 _FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6}
 
@@ -182,8 +183,9 @@ def _merge(flows: Iterable[Flow]) -> list[Flow]:
     return [merged[k] for k in sorted(merged)]
 
 
-def read_captures(sources: Iterable[str]) -> Capture:
-    """Flows and one summary from every run in the given captures ("-": stdin)."""
+def read_captures(sources: Iterable[str], redact: bool = True) -> Capture:
+    """Flows and one summary from every run in the given captures ("-": stdin); with redact,
+    command lines lose their secrets (a capture written with --raw-cmdlines, or by an older version)."""
     runs: dict[str, Run] = {}
     notes: list[str] = []
     for source in sources:
@@ -200,7 +202,11 @@ def read_captures(sources: Iterable[str]) -> Capture:
                 f"run {run.id} on {run.host} has no summary (the capture ends early): "
                 "counts and last-seen times are those of each flow's first record"
             )
-    return Capture(_merge(f for run in runs.values() for f in run.table), _summary(runs), len(runs), notes)
+    flows = _merge(f for run in runs.values() for f in run.table)
+    if redact:
+        for flow in flows:
+            flow.processes = {key: redact_process(p) for key, p in flow.processes.items()}
+    return Capture(flows, _summary(runs), len(runs), notes)
 
 
 def _summary(runs: dict[str, Run]) -> Summary:

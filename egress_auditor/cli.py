@@ -39,6 +39,12 @@ TRACE_EPILOG = """Examples:\n
   sudo egress-auditor trace -O iptables:scope:cgroup -t 1h   (each rule only for the service that needed it)\n
   sudo egress-auditor trace -- pip install -r requirements.txt > rules.sh   (one command, run as you)"""
 
+RAW_CMDLINES_HELP = (
+    "Write command lines as they were. By default the secrets they carry (passwords after -u/--user and "
+    "-p/--password, token=/secret=/key=/password= values, user:password@ in URLs, Authorization and Cookie "
+    "headers) are written as *** in every output."
+)
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
 
@@ -84,6 +90,7 @@ def trace(
     no_lineage: bool = typer.Option(
         False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
     ),
+    raw_cmdlines: bool = typer.Option(False, "--raw-cmdlines", help=RAW_CMDLINES_HELP),
     command: list[str] = typer.Argument(
         None,
         metavar="[-- CMD ARGS...]",
@@ -116,6 +123,7 @@ def trace(
         table=table,
         lineage=None if no_lineage else LineageTracer(),
         command=AuditedCommand(command, user=invoking_user()) if command else None,
+        redact=not raw_cmdlines,
     )
     raise typer.Exit(run.run())
 
@@ -137,6 +145,7 @@ def rules(
     outputs: list[str] = typer.Option([], "--output", "-o", help="Output plugin (repeatable); default iptables."),
     output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    raw_cmdlines: bool = typer.Option(False, "--raw-cmdlines", help=RAW_CMDLINES_HELP),
 ) -> None:
     """Write the rules for saved captures, merging hosts and runs; needs no kernel access."""
     from egress_auditor.capture import read_captures
@@ -145,7 +154,7 @@ def rules(
         raise UsageError("rules needs at least one --from FILE: a capture written by trace -o json")
     firewalls = {n: p for n, p in registered("output").items() if n not in STREAMING_OUTPUTS}
     output_sel = select("output", outputs, output_options, default="iptables", available=firewalls)
-    capture = read_captures(sources)
+    capture = read_captures(sources, redact=not raw_cmdlines)
     for note in capture.notes:
         print(f"egress-auditor: {note}", file=sys.stderr)
     texts = [output.finish(capture.flows, capture.summary) for output in output_sel.create()]

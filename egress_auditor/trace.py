@@ -32,6 +32,7 @@ from egress_auditor.flows import FlowTable
 from egress_auditor.inputs import InputStats
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
 from egress_auditor.process import Attributor, ProcessResolver
+from egress_auditor.redact import redact_process
 
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1
@@ -59,6 +60,7 @@ class TraceRun:
     lineage: Any = None  # lineage.LineageTracer; None: /proc at event time only
     command: AuditedCommand | None = None
     cgroups: CgroupResolver = field(default_factory=CgroupResolver)
+    redact: bool = True  # secrets in command lines become *** before any output sees them
 
     def __post_init__(self) -> None:
         self._stop_reason: str | None = None
@@ -113,7 +115,8 @@ class TraceRun:
         if self.command is not None and not self.command.owns(conn.cgroup_id, self.cgroups):
             self._outside += conn.repeats
             return
-        conn = dataclasses.replace(conn, process=self.attributor.attribute(conn))
+        process = self.attributor.attribute(conn)
+        conn = dataclasses.replace(conn, process=redact_process(process) if self.redact else process)
         flow, is_new = self.table.add(conn)
         for sink in (*self.outputs, self.display):
             self._deliver(sink, lambda s: s.connection(conn, flow, is_new))
