@@ -91,6 +91,18 @@ def trace(
         False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
     ),
     raw_cmdlines: bool = typer.Option(False, "--raw-cmdlines", help=RAW_CMDLINES_HELP),
+    snapshot_every: str | None = typer.Option(
+        None,
+        "--snapshot-every",
+        help="Every DURATION (10m), rewrite the rule files (iptables:dir, nftables:file) as a stop would, and "
+        "append a checkpoint of every flow's counts to json:file. SIGUSR1 asks for a snapshot at once.",
+    ),
+    resume: list[str] = typer.Option(
+        [],
+        "--resume",
+        help="Carry on from a capture written by -o json (repeatable): its flows and counts are in the rules and "
+        "the summary. With -O json:file: on the same file, the run appends to what it resumed from.",
+    ),
     command: list[str] = typer.Argument(
         None,
         metavar="[-- CMD ARGS...]",
@@ -100,6 +112,7 @@ def trace(
     ),
 ) -> None:
     """Watch new outbound connections; print the rules that allow them on exit."""
+    from egress_auditor.capture import CaptureError, read_resume
     from egress_auditor.command import AuditedCommand, invoking_user
     from egress_auditor.flows import FlowTable
     from egress_auditor.lineage import LineageTracer
@@ -107,6 +120,13 @@ def trace(
     from egress_auditor.trace import TraceRun
 
     seconds = parse_duration(duration) if duration is not None else None
+    every = parse_duration(snapshot_every) if snapshot_every is not None else None
+    try:
+        resumed = read_resume(resume, redact=not raw_cmdlines) if resume else None
+    except CaptureError as exc:
+        raise UsageError(f"cannot resume: {exc}") from None
+    for note in resumed.notes if resumed else []:
+        print(f"egress-auditor: {note}", file=sys.stderr)
     input_sel = select("input", inputs, input_options, default="ebpf")
     output_sel = select("output", outputs, output_options, default="iptables")
     table = FlowTable()
@@ -124,6 +144,8 @@ def trace(
         lineage=None if no_lineage else LineageTracer(),
         command=AuditedCommand(command, user=invoking_user()) if command else None,
         redact=not raw_cmdlines,
+        snapshot_every=every,
+        resumed=resumed,
     )
     raise typer.Exit(run.run())
 

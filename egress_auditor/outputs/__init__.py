@@ -2,7 +2,10 @@
 
 An output provides connection(conn, flow, is_new) and finish(flows, summary),
 which returns the text for stdout (or "") and may write files of its own.
-Outputs never change what they receive.
+One that writes files also provides snapshot(flows, summary): what finish
+would write there now, nothing on stdout. Firewall outputs get every flow,
+resumed runs' included; one with `per_run = True` (json, loki) gets this
+run's own flows and summary. Outputs never change what they receive.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -132,13 +133,27 @@ class IptablesOutput:
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
         """Rules are rendered from the final flows; nothing to do per event."""
 
+    def _write_dir(self, rules: list[ScopedRule], summary: Summary) -> None:
+        target = Path(self.dir)
+        texts = [
+            (target / filename, render_restore(rules, summary, family, self.verbose, self.drop, self.scope))
+            for family, filename in ((Family.IPV4, "rules.v4"), (Family.IPV6, "rules.v6"))
+        ]
+        for path, text in texts:
+            write_atomically(path, text)
+
+    def snapshot(self, flows: list[Flow], summary: Summary) -> None:
+        """The files a stop now would write (nothing on stdout: the rules go there once, at the end)."""
+        if self.dir:
+            self._write_dir(scoped_rules(flows, self.scope), summary)
+
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         rules = scoped_rules(flows, self.scope)
         if self.dir:
-            target = Path(self.dir)
-            for family, filename in ((Family.IPV4, "rules.v4"), (Family.IPV6, "rules.v6")):
-                text = render_restore(rules, summary, family, self.verbose, self.drop, self.scope)
-                write_atomically(target / filename, text)
+            try:
+                self._write_dir(rules, summary)
+            except OSError as exc:  # a full disk: the files keep what the last snapshot wrote, stdout the rules
+                print(f"egress-auditor: iptables:dir {self.dir} not written: {exc}", file=sys.stderr)
         if self.format == "restore":
             return render_restore(rules, summary, Family.IPV4, self.verbose, self.drop, self.scope)
         return render_commands(rules, summary, self.verbose, self.drop, self.scope)

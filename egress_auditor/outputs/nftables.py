@@ -7,6 +7,7 @@ ruleset and never touches any other table.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -116,10 +117,18 @@ class NftablesOutput:
     def connection(self, conn: Connection, flow: Flow, is_new: bool) -> None:
         """Rules are rendered from the final flows; nothing to do per event."""
 
+    def snapshot(self, flows: list[Flow], summary: Summary) -> None:
+        """The file a stop now would write (nothing on stdout: the rules go there once, at the end)."""
+        if self.file:
+            write_atomically(Path(self.file), render(flows, summary, self.verbose, self.drop, self.scope))
+
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         text = render(flows, summary, self.verbose, self.drop, self.scope)
         if self.file:
-            write_atomically(Path(self.file), text)
+            try:
+                write_atomically(Path(self.file), text)
+            except OSError as exc:  # a full disk: the file keeps what the last snapshot wrote, stdout the rules
+                print(f"egress-auditor: nftables:file {self.file} not written: {exc}", file=sys.stderr)
         return text
 
 
