@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import sys
 import uuid
 from typing import Any, TextIO
@@ -41,9 +42,10 @@ class JsonLinesOutput:
 
     def _open(self) -> int:
         # Append: a file rotated away and one that is kept across runs both stay whole.
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            self._end_last_line(fd)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                self._end_last_line(fd)
         except OSError:
             os.close(fd)
             raise
@@ -53,9 +55,13 @@ class JsonLinesOutput:
         """A run killed in the middle of a write left a line without its end: records appended
         after it would join it. A whole record gets its newline; a fragment is cut off."""
         size = os.fstat(fd).st_size
-        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        if size == 0:
             return
-        tail = os.pread(fd, min(size, TAIL_MAX), max(0, size - TAIL_MAX))
+        with open(self.path, "rb") as reader:
+            reader.seek(max(0, size - TAIL_MAX))
+            tail = reader.read(min(size, TAIL_MAX))
+        if tail.endswith(b"\n"):
+            return
         start = tail.rfind(b"\n") + 1
         if start == 0 and size > TAIL_MAX:
             raise OSError(0, "its last line is not a record (no newline in the last MB)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -24,10 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowdata import CURL, NTP, START, WGET, conn
+import pytest
+from flowdata import CURL, NTP, START, WGET, conn, summary
 
 from egress_auditor.capture import read_captures, read_resume
-from egress_auditor.flows import flow_key
+from egress_auditor.flows import FlowTable, flow_key
 from egress_auditor.inputs import InputStats
 from egress_auditor.live import PlainLog
 from egress_auditor.model import Connection, Protocol
@@ -273,3 +275,26 @@ def test_resuming_from_what_is_not_a_capture_is_one_line_naming_file_and_line(tm
         assert done.returncode == 2
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"egress-auditor: error: cannot resume: {message}"), lines
+
+
+def test_a_record_the_file_system_refuses_half_of_is_cut_back_off(tmp_path: Path) -> None:
+    """A real short write: the file size limit (RLIMIT_FSIZE) lets 10 bytes of the record through, then EFBIG."""
+    capture = tmp_path / "flows.jsonl"
+    output = select("output", ["json"], [f"json:file:{capture}"], default="json").create()[0]
+    table = FlowTable()
+    flow, is_new = table.add(A)
+    output.connection(A, flow, is_new)
+    before = capture.read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 10, limits[1]))
+        flow, is_new = table.add(B)
+        with pytest.raises(OSError):
+            output.connection(B, flow, is_new)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert capture.read_bytes() == before
+    output.snapshot(list(table), summary([A, B]))  # with room again, whole records follow
+    assert [r["type"] for r in records(capture)] == ["flow", "checkpoint"]
