@@ -35,6 +35,7 @@ class JsonLinesOutput:
         self.host = socket.gethostname()
         self._stdout = stdout or sys.stdout
         self._stderr = stderr or sys.stderr
+        self._checkpointed = (0, 0, 0, 0)  # flows, connects, lost, map full at the last checkpoint
         try:
             self._fd: int | None = self._open() if self.path else None
         except OSError as exc:
@@ -108,9 +109,13 @@ class JsonLinesOutput:
             self._fd = self._open()
 
     def snapshot(self, flows: list[Flow], summary: Summary) -> None:
-        """A checkpoint: every flow's counts as of now, so a run stopped hard can be resumed from here."""
-        if self._fd is not None:
-            self._write(line(summary_record(flows, summary, self.run, kind="checkpoint")))
+        """A checkpoint: every flow's counts as of now, so a run stopped hard can be resumed from here.
+        Skipped while nothing was seen since the last one (that one still holds): a quiet night adds nothing."""
+        seen = (len(flows), summary.connects, summary.events_lost, summary.map_full)
+        if self._fd is None or seen == self._checkpointed:
+            return
+        self._write(line(summary_record(flows, summary, self.run, kind="checkpoint")))
+        self._checkpointed = seen
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         text = line(summary_record(flows, summary, self.run))
