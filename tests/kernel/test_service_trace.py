@@ -114,6 +114,10 @@ def test_killed_after_a_snapshot_the_next_run_resumes_with_the_counts(
     assert "8 connection(s)" in rule_line(rebuilt.stdout, net.b4, SEEN_PORT)
 
 
+def notes_and_tail(tracer: Tracer) -> list[str]:
+    return [line for line in tracer.stderr if "not written" in line or "failed" in line][-3:] + tracer.stderr[-3:]
+
+
 def fill(directory: Path) -> Path:
     """Write zeros until the file system is full."""
     filler = directory / "filler"
@@ -135,7 +139,8 @@ def test_a_full_disk_during_snapshots_costs_a_note_and_nothing_written(
     net = servers
     state = tmp_path / "state"
     state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(state)], check=True)
+    # Room for the records of every flow on the host (the tracer sees other tests' too) until it is filled.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(state)], check=True)
     try:
         capture, nft, rules_v4 = state / "flows.jsonl", state / "egress.nft", state / "rules" / "rules.v4"
         tracer = start_tracer(
@@ -144,7 +149,7 @@ def test_a_full_disk_during_snapshots_costs_a_note_and_nothing_written(
         )  # fmt: skip
         tracer.wait_running()
         assert curl(net.a, net.b4, SEEN_PORT)[0] == 0
-        wait_for(lambda: checkpoint_count(capture, net.b4, SEEN_PORT) == 1, 30, lambda: tracer.stderr[-5:])
+        wait_for(lambda: checkpoint_count(capture, net.b4, SEEN_PORT) == 1, 30, lambda: notes_and_tail(tracer))
         wait_for(lambda: rules_v4.exists() and f"port {SEEN_PORT}:" in rules_v4.read_text(), 30, "rules.v4")
         before = {p: p.read_text() for p in (nft, rules_v4)}
         lines_before = len(records(capture))
@@ -154,7 +159,7 @@ def test_a_full_disk_during_snapshots_costs_a_note_and_nothing_written(
         wait_for(
             lambda: sum("snapshot of output iptables not written" in line for line in tracer.stderr) >= 2,
             30,
-            lambda: tracer.stderr[-5:],
+            lambda: notes_and_tail(tracer),
         )
         notes = [line for line in tracer.stderr if "not written" in line or "failed" in line]
         assert all("No space left on device" in line for line in notes), notes
