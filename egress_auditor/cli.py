@@ -94,12 +94,14 @@ def trace(
     snapshot_every: str | None = typer.Option(
         None,
         "--snapshot-every",
+        metavar="DURATION",
         help="Every DURATION (10m), rewrite the rule files (iptables:dir, nftables:file) as a stop would, and "
         "append a checkpoint of every flow's counts to json:file. SIGUSR1 asks for a snapshot at once.",
     ),
     resume: list[str] = typer.Option(
         [],
         "--resume",
+        metavar="FILE",
         help="Carry on from a capture written by -o json (repeatable): its flows and counts are in the rules and "
         "the summary. With -O json:file: on the same file, the run appends to what it resumed from.",
     ),
