@@ -1,6 +1,6 @@
 """What a trace run for days relies on, with the real tracer, real clients in
 a namespace and real kills: secrets in command lines never reach an output;
-snapshots write rule files that load and checkpoints that a run killed with
+snapshots (periodic, or on SIGUSR1) write rule files that load and checkpoints that a run killed with
 SIGKILL is resumed from, counts intact; a full disk during a snapshot costs a
 note and nothing already written."""
 
@@ -179,3 +179,25 @@ def test_a_full_disk_during_snapshots_costs_a_note_and_nothing_written(
         assert f"port {UNSEEN_PORT}:" in finished.stdout
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_sigusr1_writes_a_snapshot_at_once(
+    start_tracer: Callable[..., Tracer],  # noqa: F811
+    servers: Link,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    net = servers
+    nft = tmp_path / "egress.nft"
+    tracer = start_tracer(["trace", "--no-live", "-t", "120", "-o", "nftables", "-O", f"nftables:file:{nft}"])
+    tracer.wait_running()
+    assert curl(net.a, net.b4, SEEN_PORT)[0] == 0
+    wait_for(lambda: any(f"{net.b4}:{SEEN_PORT}" in line for line in tracer.stderr), 30, "the flow")
+    assert not nft.exists()  # no --snapshot-every: nothing is written before a signal asks
+    tracer.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: nft.exists() and f"port {SEEN_PORT}:" in nft.read_text(), 30, lambda: notes_and_tail(tracer))
+    load(net.a, nft)
+    assert tracer.proc.poll() is None  # the run goes on
+    tracer.proc.send_signal(signal.SIGINT)
+    finished = tracer.finish(60)
+    assert finished.returncode == 0, finished.log
+    assert f"port {SEEN_PORT}:" in finished.stdout
