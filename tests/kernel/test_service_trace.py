@@ -1,8 +1,8 @@
 """What a trace run for days relies on, with the real tracer, real clients in
 a namespace and real kills: secrets in command lines never reach an output;
-snapshots (periodic, or on SIGUSR1) write rule files that load and checkpoints that a run killed with
-SIGKILL is resumed from, counts intact; a full disk during a snapshot costs a
-note and nothing already written."""
+snapshots (periodic, or on SIGUSR1) write rule files that load, and
+checkpoints that a run killed with SIGKILL is resumed from, counts intact; a
+full disk during a snapshot costs a note and nothing already written."""
 
 from __future__ import annotations
 
