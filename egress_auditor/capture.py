@@ -2,8 +2,10 @@
 (or the same lines exported from Loki), from one or many hosts and runs.
 
 Each run is rebuilt on its own (its flow records, then its summary's final
-counts), then runs are merged flow by flow. A record seen twice (a file given
-twice, a file and a Loki export of the same run) counts once.
+counts, or its last checkpoint's if it was killed), then runs are merged flow
+by flow. A record seen twice (a file given twice, a file and a Loki export of
+the same run) counts once. A last line cut short (a crash in the middle of a
+write) is skipped with a note.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from egress_auditor.errors import UsageError
 from egress_auditor.flows import FlowTable
 from egress_auditor.model import Attribution, Connection, Evidence, Family, Flow, FlowKey, Process, Summary, Transport
 from egress_auditor.provenance import STARTUP_S
-from egress_auditor.records import VERSION
+from egress_auditor.records import VERSION, utc
+from egress_auditor.redact import redact_process
 
 _FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6}
 
@@ -35,6 +38,7 @@ class Run:
     host: str
     table: FlowTable = field(default_factory=FlowTable)
     summary: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None  # the latest, for a run that never wrote its summary
 
 
 @dataclass
@@ -129,7 +133,7 @@ def _lines(source: str) -> Iterator[tuple[int, str]]:
         raise UsageError(f"cannot read capture {source!r}: {exc.strerror}") from None
 
 
-def _read(source: str, runs: dict[str, Run]) -> int:
+def _read(source: str, runs: dict[str, Run], notes: list[str]) -> int:
     count = 0
     for number, text in _lines(source):
         if not text.strip():
@@ -138,6 +142,9 @@ def _read(source: str, runs: dict[str, Run]) -> int:
         try:
             record = json.loads(text)
         except ValueError as exc:
+            if not text.endswith("\n"):  # only the last line can lack its newline: a write cut short
+                notes.append(f"{where}: last line cut short ({len(text)} bytes), skipped")
+                continue
             raise CaptureError(f"{where}: not JSON ({exc.msg}); expected lines written by -o json") from None
         if not isinstance(record, dict) or record.get("version") != VERSION:
             version = record.get("version") if isinstance(record, dict) else None
@@ -156,6 +163,9 @@ def _read(source: str, runs: dict[str, Run]) -> int:
                 run.summary = record
             elif record["type"] == "drift":
                 pass  # the same connection's flow record carries it
+            elif record["type"] == "checkpoint":
+                if run.checkpoint is None or float(record["ended"]) >= float(run.checkpoint["ended"]):
+                    run.checkpoint = record
             else:
                 raise ValueError(f"unknown record type {record['type']!r}")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -166,8 +176,9 @@ def _read(source: str, runs: dict[str, Run]) -> int:
 
 
 def _started(run: Run) -> float:
-    if run.summary is not None:
-        return float(run.summary["started"])
+    record = run.summary or run.checkpoint
+    if record is not None:
+        return float(record["started"])
     return min((f.first_seen for f in run.table), default=0.0)
 
 
@@ -187,7 +198,8 @@ def _with_evidence(runs: Iterable[Run], always: bool) -> Iterator[Flow]:
             yield flow
 
 
-def _merge(flows: Iterable[Flow]) -> list[Flow]:
+def merge_flows(flows: Iterable[Flow]) -> list[Flow]:
+    """One flow per key, counts added, times and processes of all; sorted. The flows given are not changed."""
     merged: dict[FlowKey, Flow] = {}
     for flow in flows:
         into = merged.get(flow.key)
@@ -209,15 +221,41 @@ def _merge(flows: Iterable[Flow]) -> list[Flow]:
     return [merged[k] for k in sorted(merged)]
 
 
-def read_captures(sources: Iterable[str], evidence: bool = False) -> Capture:
-    """Flows and one summary from every run in the given captures ("-": stdin); each flow
-    carries where it was seen when there are several runs, or always with `evidence`."""
+def read_resume(sources: Iterable[str], redact: bool = True) -> Capture | None:
+    """The captures a run carries on from; a file not there yet (a service's first start) is a note,
+    and None if no file holds a run."""
+    present = []
+    notes = []
+    for source in sources:
+        if Path(source).exists():
+            present.append(source)
+        else:
+            notes.append(f"{source}: no capture yet, nothing to resume from it")
+    capture = read_captures(present, redact) if present else None
+    if capture is None or capture.runs == 0:
+        for note in notes + (capture.notes if capture else []):
+            print(f"egress-auditor: {note}", file=sys.stderr)
+        return None
+    capture.notes[:0] = notes
+    return capture
+
+
+def read_captures(sources: Iterable[str], redact: bool = True, evidence: bool = False) -> Capture:
+    """Flows and one summary from every run in the given captures ("-": stdin); with redact,
+    command lines lose their secrets (a capture written with --raw-cmdlines, or by an older version);
+    each flow carries where it was seen when there are several runs, or always with `evidence`."""
     runs: dict[str, Run] = {}
     notes: list[str] = []
     for source in sources:
-        if _read(source, runs) == 0:
+        if _read(source, runs, notes) == 0:
             notes.append(f"{source}: no records")
     for run in runs.values():
+        if run.summary is None and run.checkpoint is not None:
+            run.summary = run.checkpoint
+            notes.append(
+                f"run {run.id} on {run.host} has no summary (it was stopped hard): "
+                f"counts as of its last checkpoint, {utc(float(run.checkpoint['ended']))}"
+            )
         if run.summary is not None:
             try:
                 _apply_totals(run, run.summary)
@@ -228,7 +266,11 @@ def read_captures(sources: Iterable[str], evidence: bool = False) -> Capture:
                 f"run {run.id} on {run.host} has no summary (the capture ends early): "
                 "counts and last-seen times are those of each flow's first record"
             )
-    return Capture(_merge(_with_evidence(runs.values(), evidence)), _summary(runs), len(runs), notes)
+    flows = merge_flows(_with_evidence(runs.values(), evidence))
+    if redact:
+        for flow in flows:
+            flow.processes = {key: redact_process(p) for key, p in flow.processes.items()}
+    return Capture(flows, _summary(runs), len(runs), notes)
 
 
 def _summary(runs: dict[str, Run]) -> Summary:

@@ -40,6 +40,12 @@ TRACE_EPILOG = """Examples:\n
   sudo egress-auditor trace -- pip install -r requirements.txt > rules.sh   (one command, run as you)\n
   sudo egress-auditor trace --baseline ci-egress.jsonl -- make test   (exit 3 if it talks to something new)"""
 
+RAW_CMDLINES_HELP = (
+    "Write command lines as they were. By default the secrets they carry (passwords after -u/--user and "
+    "-p/--password, token=/secret=/key=/password= values, user:password@ in URLs, Authorization and Cookie "
+    "headers) are written as *** in every output."
+)
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
 
@@ -90,6 +96,21 @@ def trace(
         "--baseline",
         help="Captures of known traffic (repeatable): report only what they do not cover; exit 3 if anything drifted.",
     ),
+    raw_cmdlines: bool = typer.Option(False, "--raw-cmdlines", help=RAW_CMDLINES_HELP),
+    snapshot_every: str | None = typer.Option(
+        None,
+        "--snapshot-every",
+        metavar="DURATION",
+        help="Every DURATION (10m), rewrite the rule files (iptables:dir, nftables:file) as a stop would, and "
+        "append a checkpoint of every flow's counts to json:file. SIGUSR1 asks for a snapshot at once.",
+    ),
+    resume: list[str] = typer.Option(
+        [],
+        "--resume",
+        metavar="FILE",
+        help="Carry on from a capture written by -o json (repeatable): its flows and counts are in the rules and "
+        "the summary. With -O json:file: on the same file, the run appends to what it resumed from.",
+    ),
     command: list[str] = typer.Argument(
         None,
         metavar="[-- CMD ARGS...]",
@@ -99,6 +120,7 @@ def trace(
     ),
 ) -> None:
     """Watch new outbound connections; print the rules that allow them on exit."""
+    from egress_auditor.capture import CaptureError, read_resume
     from egress_auditor.command import AuditedCommand, invoking_user
     from egress_auditor.flows import FlowTable
     from egress_auditor.lineage import LineageTracer
@@ -106,6 +128,13 @@ def trace(
     from egress_auditor.trace import TraceRun
 
     seconds = parse_duration(duration) if duration is not None else None
+    every = parse_duration(snapshot_every) if snapshot_every is not None else None
+    try:
+        resumed = read_resume(resume, redact=not raw_cmdlines) if resume else None
+    except CaptureError as exc:
+        raise UsageError(f"cannot resume: {exc}") from None
+    for note in resumed.notes if resumed else []:
+        print(f"egress-auditor: {note}", file=sys.stderr)
     input_sel = select("input", inputs, input_options, default="ebpf")
     output_sel = select("output", outputs, output_options, default="iptables")
     drift = None
@@ -134,6 +163,9 @@ def trace(
         lineage=None if no_lineage else LineageTracer(),
         command=AuditedCommand(command, user=invoking_user()) if command else None,
         drift=drift,
+        redact=not raw_cmdlines,
+        snapshot_every=every,
+        resumed=resumed,
     )
     raise typer.Exit(run.run())
 
@@ -156,6 +188,7 @@ def rules(
         1, "--min-hosts", min=1, help="Keep only rules seen on at least N hosts; list the others in the header."
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    raw_cmdlines: bool = typer.Option(False, "--raw-cmdlines", help=RAW_CMDLINES_HELP),
 ) -> None:
     """Write the rules for saved captures, merging hosts and runs; needs no kernel access."""
     from egress_auditor.capture import read_captures
@@ -166,7 +199,7 @@ def rules(
         raise UsageError("rules needs at least one --from FILE: a capture written by trace -o json")
     firewalls = {n: p for n, p in registered("output").items() if n not in RECORD_OUTPUTS}
     output_sel = select("output", outputs, output_options, default="iptables", available=firewalls)
-    capture = read_captures(sources)
+    capture = read_captures(sources, redact=not raw_cmdlines)
     for note in capture.notes:
         print(f"egress-auditor: {note}", file=sys.stderr)
     flows, left_out = keep_seen_on(capture.flows, min_hosts)

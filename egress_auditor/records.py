@@ -1,5 +1,6 @@
 """JSON records of a run, shared by the json and loki outputs and read back by
-capture.py: one `flow` record per new flow, one `summary` record at the end.
+capture.py: one `flow` record per new flow, a `checkpoint` record at each
+snapshot (a summary as of then), one `summary` record at the end.
 
 The format is versioned; egress_auditor/schema/flow-v1.json describes it.
 """
@@ -97,10 +98,11 @@ def totals_record(flow: Flow) -> dict[str, Any]:
     }
 
 
-def summary_record(flows: list[Flow], summary: Summary, run: str) -> dict[str, Any]:
+def summary_record(flows: list[Flow], summary: Summary, run: str, kind: str = "summary") -> dict[str, Any]:
+    """The end of a run, or with kind "checkpoint" the same as of a snapshot while it goes on."""
     return {
         "version": VERSION,
-        "type": "summary",
+        "type": kind,
         "run": run,
         "host": summary.host,
         "started": summary.started,

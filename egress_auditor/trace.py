@@ -11,6 +11,11 @@ are recorded, the run ends when the command exits, and its exit status is
 the run's. Stop signals are then taken with sigtimedwait: one sent by the
 terminal already reached the command (same process group), one sent by
 kill(1) is passed on to it; the rules follow once the command has exited.
+
+A run may carry on from earlier captures (`--resume`): their flows are merged
+into what the firewall outputs write, while the json and loki outputs record
+this run's own part (readers merge runs). Snapshots (`--snapshot-every`,
+SIGUSR1) give every output what a stop at that moment would give it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from egress_auditor.capture import Capture, merge_flows
 from egress_auditor.cgroups import CgroupResolver
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
 from egress_auditor.drift import EXIT_DRIFT, DriftWatch
@@ -35,7 +41,7 @@ from egress_auditor.live import Display
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
 from egress_auditor.outputs import Output
 from egress_auditor.process import Attributor, ProcessResolver
-from egress_auditor.records import RECORD_OUTPUTS
+from egress_auditor.redact import redact_process
 
 if TYPE_CHECKING:
     from egress_auditor.lineage import LineageTracer
@@ -67,10 +73,14 @@ class TraceRun:
     command: AuditedCommand | None = None
     cgroups: CgroupResolver = field(default_factory=CgroupResolver)
     drift: DriftWatch | None = None  # with a baseline: report and write rules for what it does not cover
+    redact: bool = True  # secrets in command lines become *** before any output sees them
+    snapshot_every: float | None = None  # seconds between snapshots (SIGUSR1 asks for one at any time)
+    resumed: Capture | None = None  # flows of earlier runs this one carries on from
 
     def __post_init__(self) -> None:
         self._stop_reason: str | None = None
         self._reopen_requested = False
+        self._snapshot_requested = False
         self._attach: list[str] = []
         self._output_errors: dict[str, str] = {}
         self._started = time.time()
@@ -79,6 +89,8 @@ class TraceRun:
         self._stop_requests = 0
         self._term_sent: float | None = None
         self._exit_status = 0
+        self._everything: list[Flow] = []  # every flow of the last view, resumed runs' included
+        self._drifted: list[Flow] = []  # of those, what the baseline does not cover
         self.attributor = Attributor(None, self.resolver, self.cgroups)
 
     # -- signals -------------------------------------------------------------
@@ -88,12 +100,16 @@ class TraceRun:
     def _on_hangup(self, _signum: int, _frame: FrameType | None) -> None:
         self._reopen_requested = True
 
+    def _on_snapshot(self, _signum: int, _frame: FrameType | None) -> None:
+        self._snapshot_requested = True
+
     def _install_signals(self) -> dict[int, Any]:
         previous = {}
         for signum in STOP_SIGNALS:
             previous[signum] = signal.signal(signum, self._on_signal)
         # SIGHUP asks outputs to reopen their files (logrotate); it does not end the run.
         previous.setdefault(signal.SIGHUP, signal.signal(signal.SIGHUP, self._on_hangup))
+        previous.setdefault(signal.SIGUSR1, signal.signal(signal.SIGUSR1, self._on_snapshot))
         if self.command is not None:
             # Held pending and read in the loop, so each can be told apart by its sender.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -121,7 +137,8 @@ class TraceRun:
         if self.command is not None and not self.command.owns(conn.cgroup_id, self.cgroups):
             self._outside += conn.repeats
             return
-        conn = dataclasses.replace(conn, process=self.attributor.attribute(conn))
+        process = self.attributor.attribute(conn)
+        conn = dataclasses.replace(conn, process=redact_process(process) if self.redact else process)
         flow, is_new = self.table.add(conn)
         for sink in (*self.outputs, self.display):
             self._deliver(sink, lambda s: s.connection(conn, flow, is_new))
@@ -269,10 +286,14 @@ class TraceRun:
         synced_at = time.monotonic()
         lost_at_sync = 0
         next_status = 0.0
+        next_snapshot = time.monotonic() + (self.snapshot_every or 0.0)
         while self._stop_reason is None:
             now = time.time()
             if self._reopen_requested:
                 self._reopen_outputs()
+            if self._snapshot_requested or (self.snapshot_every and time.monotonic() >= next_snapshot):
+                self._snapshot()
+                next_snapshot = time.monotonic() + (self.snapshot_every or 0.0)
             if self.command is not None:
                 self._check_command()
                 if self._stop_reason is not None:
@@ -324,6 +345,69 @@ class TraceRun:
         # With a command, the kernel's host-wide count says nothing about it.
         return self.table.connects if self.command is not None else max(stats.connects, self.table.connects)
 
+    def _views(self, ended: float, stats: InputStats) -> tuple[list[Flow], Summary, list[Flow], Summary]:
+        """This run's flows and summary, then the same with the resumed runs merged in."""
+        summary = Summary(
+            started=self._started,
+            ended=ended,
+            host=socket.gethostname(),
+            inputs=[s.name for s in self.inputs],
+            attach="; ".join(self._attach) or "none",
+            connects=self._connects_from(stats),
+            events_lost=stats.events_lost,
+            map_full=stats.map_full,
+        )
+        flows: list[Flow] = list(self.table)
+        if self.resumed is None:
+            return self._with_drift(flows, summary, flows, summary)
+        earlier = self.resumed.summary
+        merged = Summary(
+            started=min(earlier.started, summary.started),
+            ended=ended,
+            host=summary.host,
+            inputs=sorted({*summary.inputs, *earlier.inputs}),
+            attach=f"{summary.attach}; resumed {len(self.resumed.flows)} flows of {self.resumed.runs} earlier run(s)",
+            connects=summary.connects + earlier.connects,
+            events_lost=summary.events_lost + earlier.events_lost,
+            map_full=summary.map_full + earlier.map_full,
+        )
+        return self._with_drift(flows, summary, merge_flows([*self.resumed.flows, *flows]), merged)
+
+    def _with_drift(
+        self, flows: list[Flow], summary: Summary, everything: list[Flow], merged: Summary
+    ) -> tuple[list[Flow], Summary, list[Flow], Summary]:
+        """With a baseline, the rules views hold only what it does not cover (and say so)."""
+        self._everything = everything
+        if self.drift is None:
+            return flows, summary, everything, merged
+        # Decided on the final flows: a DNS name applied after the connect can still cover it.
+        self._drifted = self.drift.drifted(everything)
+        merged = dataclasses.replace(merged, notes=[*merged.notes, (
+            f"drift: {len(self._drifted)} of {len(everything)} flows not covered by the baseline "
+            f"{self.drift.source}; the rules below allow those alone"
+        )])  # fmt: skip
+        return flows, summary, self._drifted, merged
+
+    @staticmethod
+    def _view_for(sink: Any, views: tuple[list[Flow], Summary, list[Flow], Summary]) -> tuple[list[Flow], Summary]:
+        # Record streams (json, loki) hold each run's own part; firewall rules cover every run resumed.
+        return (views[0], views[1]) if sink.per_run else (views[2], views[3])
+
+    def _snapshot(self) -> None:
+        """What a stop now would write, written now by every output that writes files."""
+        self._snapshot_requested = False
+        try:
+            self._sync()
+        except Exception as exc:
+            print(f"egress-auditor: reading kernel counts failed: {exc}", file=self.stderr)
+        views = self._views(time.time(), self.stats())
+        for sink in self.outputs:
+            try:
+                sink.snapshot(*self._view_for(sink, views))
+            except Exception as exc:  # a full disk: what the last snapshot wrote stays, the run goes on
+                name = sink.name or type(sink).__name__
+                print(f"egress-auditor: snapshot of output {name} not written: {exc}", file=self.stderr, flush=True)
+
     def _finish(self) -> None:
         try:
             self._poll(0)
@@ -339,27 +423,12 @@ class TraceRun:
         self.display.refresh(status)
         self.display.stop()
         self._close_inputs()
-        summary = Summary(
-            started=self._started,
-            ended=ended,
-            host=socket.gethostname(),
-            inputs=[s.name for s in self.inputs],
-            attach="; ".join(self._attach) or "none",
-            connects=self._connects_from(stats),
-            events_lost=stats.events_lost,
-            map_full=stats.map_full,
-        )
-        flows: list[Flow] = list(self.table)
-        ruled, drifted = flows, None
-        if self.drift is not None:
-            # Decided on the final flows: a DNS name applied after the connect can still cover it.
-            ruled = drifted = self.drift.drifted(flows)
-            note = f"drift: {len(drifted)} of {len(flows)} flows not covered by the baseline {self.drift.source}"
-            summary.notes.append(note + "; the rules below allow those alone")
+        views = self._views(ended, stats)
+        flows, summary = self._everything, views[3]
+        drifted = self._drifted if self.drift is not None else None
         texts: list[str] = []
         for sink in self.outputs:
-            mine = flows if getattr(sink, "name", "") in RECORD_OUTPUTS else ruled
-            self._deliver(sink, lambda s, mine=mine: texts.append(s.finish(mine, summary)))
+            self._deliver(sink, lambda s: texts.append(s.finish(*self._view_for(s, views))))
         # One write, so a redirect never holds half the rules.
         self.stdout.write("".join(texts))
         self.stdout.flush()
@@ -368,6 +437,8 @@ class TraceRun:
         )
         if self.command is not None:
             reason += f", exit status {self._exit_status}; {self._outside} connections from outside it not recorded"
+        if self.resumed is not None:
+            reason += f"; with {len(self.resumed.flows)} flows of {self.resumed.runs} earlier run(s) resumed"
         print(
             f"egress-auditor: stopped ({reason}): {len(flows)} flows, {summary.connects} connections, "
             f"{summary.events_lost} events lost"

@@ -6,12 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netns import Link, Namespace, link, namespace
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"
+
+# Property tests check what is right, not how fast: a busy 2-core machine misses any per-example deadline.
+settings.register_profile("egress-auditor", deadline=None)
+settings.load_profile("egress-auditor")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

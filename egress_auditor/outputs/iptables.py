@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,30 @@ class IptablesOutput(OutputBase):
         self.scope: str = options["scope"]
         self.aggregate: tuple[int, int] | None = options["aggregate"]
 
-    def finish(self, flows: list[Flow], summary: Summary) -> str:
-        rules = aggregation.aggregate(scoped_rules(flows, self.scope), self.aggregate)
+    def _rules(self, flows: list[Flow]) -> list[ScopedRule]:
+        return aggregation.aggregate(scoped_rules(flows, self.scope), self.aggregate)
+
+    def _write_dir(self, rules: list[ScopedRule], summary: Summary) -> None:
+        target = Path(self.dir)
+        texts = [
+            (target / filename, render_restore(rules, summary, family, self.verbose, self.policy, self.scope))
+            for family, filename in ((Family.IPV4, "rules.v4"), (Family.IPV6, "rules.v6"))
+        ]
+        for path, text in texts:
+            write_atomically(path, text)
+
+    def snapshot(self, flows: list[Flow], summary: Summary) -> None:
+        """The files a stop now would write (nothing on stdout: the rules go there once, at the end)."""
         if self.dir:
-            target = Path(self.dir)
-            for family, filename in ((Family.IPV4, "rules.v4"), (Family.IPV6, "rules.v6")):
-                text = render_restore(rules, summary, family, self.verbose, self.policy, self.scope)
-                write_atomically(target / filename, text)
+            self._write_dir(self._rules(flows), summary)
+
+    def finish(self, flows: list[Flow], summary: Summary) -> str:
+        rules = self._rules(flows)
+        if self.dir:
+            try:
+                self._write_dir(rules, summary)
+            except OSError as exc:  # a full disk: the files keep what the last snapshot wrote, stdout the rules
+                print(f"egress-auditor: iptables:dir {self.dir} not written: {exc}", file=sys.stderr)
         if self.format == "restore":
             return render_restore(rules, summary, Family.IPV4, self.verbose, self.policy, self.scope)
         return render_commands(rules, summary, self.verbose, self.policy, self.scope)

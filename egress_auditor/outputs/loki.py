@@ -95,6 +95,7 @@ def payload(entries: list[Entry]) -> bytes:
 
 class LokiOutput(OutputBase):
     name = "loki"
+    per_run = True  # records of this run only, as the json output writes them
 
     def __init__(self, options: dict[str, Any], stderr: TextIO | None = None) -> None:
         if not options["url"]:

@@ -7,6 +7,7 @@ ruleset and never touches any other table.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -120,10 +121,21 @@ class NftablesOutput(OutputBase):
         self.file: str = options["file"]
         self.aggregate: tuple[int, int] | None = options["aggregate"]
 
-    def finish(self, flows: list[Flow], summary: Summary) -> str:
-        text = render(flows, summary, self.verbose, self.policy, self.scope, self.aggregate)
+    def _render(self, flows: list[Flow], summary: Summary) -> str:
+        return render(flows, summary, self.verbose, self.policy, self.scope, self.aggregate)
+
+    def snapshot(self, flows: list[Flow], summary: Summary) -> None:
+        """The file a stop now would write (nothing on stdout: the rules go there once, at the end)."""
         if self.file:
-            write_atomically(Path(self.file), text)
+            write_atomically(Path(self.file), self._render(flows, summary))
+
+    def finish(self, flows: list[Flow], summary: Summary) -> str:
+        text = self._render(flows, summary)
+        if self.file:
+            try:
+                write_atomically(Path(self.file), text)
+            except OSError as exc:  # a full disk: the file keeps what the last snapshot wrote, stdout the rules
+                print(f"egress-auditor: nftables:file {self.file} not written: {exc}", file=sys.stderr)
         return text
 
 

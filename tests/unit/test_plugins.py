@@ -73,7 +73,7 @@ def test_displays_provide_the_whole_contract(display: type) -> None:
 
 def test_base_classes_give_every_optional_method_a_default() -> None:
     assert contract_methods(InputBase) == {"sync", "restrict_to_cgroup"} <= contract_methods(Input)
-    assert contract_methods(OutputBase) == {"connection", "reopen", "drift"} <= contract_methods(Output)
+    assert contract_methods(OutputBase) == {"connection", "reopen", "drift", "snapshot"} <= contract_methods(Output)
 
 
 def test_a_broken_plugin_is_reported_in_one_line_and_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,7 +165,7 @@ def test_a_plugin_lacking_part_of_the_contract_is_refused_in_one_line() -> None:
     with pytest.raises(AuditorError) as refused:
         select("output", ["iptables", "old-style"], [], default="iptables", available=available).create()
     message = str(refused.value)
-    assert message == f"output plugin old-style lacks drift, reopen: it was not written for {GROUPS['output']}"
+    assert message == f"output plugin old-style lacks drift, reopen, snapshot: it was not written for {GROUPS['output']}"
     assert refused.value.exit_status == 1
     # With the base class's defaults the same output is accepted.
     fixed = Plugin(name="fixed", kind="output", description="", factory=type("Fixed", (OutputBase, WithoutReopen), {}))
