@@ -433,7 +433,13 @@ class EbpfInput:
             return
         ms = max(0, int(timeout_s * 1000))
         if self.plan.buffer == "ringbuf":
-            self.bpf.ring_buffer_poll(ms)
+            if ms:
+                self.bpf.ring_buffer_poll(ms)
+            # Read every ring, ready or not: the kernel wakes a reader of each ring on its own and
+            # later (irq_work), so epoll may report a connect before the DNS answer that led to it.
+            # The answer was written first; the DNS ring is read after the connects, so it is here.
+            if not ms or self.plan.dns:
+                self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(ms)
         pending, self._pending = self._pending, []
