@@ -286,7 +286,6 @@ class EbpfInput:
         src = bpf_source_dir()
         cflags = [
             f"-I{src}",
-            *self.plan.cflags(),
             f"-DEA_MAX_FLOWS={self.options['max_flows']}",
             f"-DEA_RINGBUF_PAGES={self.options['pages']}",
         ]
@@ -299,7 +298,7 @@ class EbpfInput:
             cflags += line_flags
         identity = identity_flags()
         try:
-            self.bpf = self._build(program_text(self.plan.pieces(), src), cflags, identity)
+            self.bpf = self._build_plan(src, cflags, identity)
             if lines:
                 self._lines = CountLines(self.bpf["count_lines"].map_fd, lines)
             if self.plan.path == "kprobe":
@@ -321,6 +320,19 @@ class EbpfInput:
             raise AuditorError(f"could not load the BPF programs ({self.plan.describe()}): {exc}") from exc
         how = "read from the task (BTF)" if self.identity_from_task else "read by helpers"
         return f"{self.plan.describe()}; names and uids {how}{mounted}"
+
+    def _build_plan(self, src: Path, cflags: list[str], identity: list[str]) -> Any:
+        """The plan's BPF object; with dns:auto, one without names where the kernel refuses the DNS program."""
+        assert self.plan is not None
+        try:
+            return self._build(program_text(self.plan.pieces(), src), [*self.plan.cflags(), *cflags], identity)
+        except Exception as exc:  # BCC raises bare Exception for compile and load failures
+            if not self.plan.dns or self.options["dns"] != "auto":
+                raise
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            note = f"; no DNS names: their program did not load ({why})"
+            self.plan = dataclasses.replace(self.plan, dns=False, reason=self.plan.reason + note)
+        return self._build(program_text(self.plan.pieces(), src), [*self.plan.cflags(), *cflags], identity)
 
     def _build(self, text: str, cflags: list[str], identity: list[str]) -> Any:
         """The BPF object, names and uids read from the task where the kernel lets these programs do
@@ -632,8 +644,9 @@ PLUGIN = Plugin(
         Option(
             "dns",
             "names behind addresses from the DNS answers the host receives (cgroup v2 and ring buffer); "
-            "off by default: its program runs for every packet the host receives",
-            "off",
+            "auto: on where the kernel allows it. Its program runs for every packet the host receives: "
+            "off saves that on hosts that receive very many",
+            "auto",
             ("auto", "on", "off"),
         ),
         Option(

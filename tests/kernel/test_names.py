@@ -5,12 +5,17 @@ time, though the DNS answer and the connect arrive in two ring buffers."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from dnsserver import dnsmasq, resolv_conf
 from netns import Link, http_server
+
+from egress_auditor.errors import AuditorError
+from egress_auditor.inputs import ebpf
 
 EGRESS_AUDITOR = str(Path(sys.executable).with_name("egress-auditor"))
 HTTP_PORT = 18093
@@ -50,3 +55,35 @@ def test_a_short_commands_destination_is_named_every_time(net: Link) -> None:
                 if f"#   asked for as: {NAME}" not in block:
                     unnamed.append((run, block))
     assert unnamed == []
+
+
+def test_names_are_on_by_default(net: Link) -> None:
+    with dnsmasq(net.b, [net.b4], [f"--host-record={NAME},{net.b4}"]), http_server(net.b, HTTP_PORT):
+        with resolv_conf(net.a, [net.b4]):
+            result = traced_curl(net, [])
+    assert result.returncode == 0, result.stderr
+    assert "DNS answers: cgroup_skb ingress" in result.stderr
+    assert f"#   asked for as: {NAME}" in rule_block(result.stdout, net.b4, HTTP_PORT)
+
+
+def test_names_by_default_give_way_to_a_one_line_note_where_their_program_cannot_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This kernel loads the DNS program, so a copy of bpf/ whose DNS program cannot be built
+    stands in for one that refuses it; everything else is the real build, loaded and attached."""
+    src = tmp_path / "bpf"
+    shutil.copytree(ebpf.bpf_source_dir(), src)
+    with (src / "dns.bpf.c").open("a") as handle:
+        handle.write("\n#error no DNS program on this kernel\n")
+    monkeypatch.setattr(ebpf, "bpf_source_dir", lambda: src)
+    source = ebpf.EbpfInput(ebpf.PLUGIN.defaults())
+    try:
+        described = source.open()
+        assert source.plan is not None and not source.plan.dns
+        assert "no DNS names: their program did not load" in described
+        assert "DNS answers" not in described and "TCP: cgroup connect4/6 hooks" in described
+        assert "\n" not in described
+    finally:
+        source.close()
+    with pytest.raises(AuditorError, match="could not load the BPF programs"):
+        ebpf.EbpfInput(ebpf.PLUGIN.defaults() | {"dns": "on"}).open()
