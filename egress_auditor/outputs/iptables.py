@@ -61,19 +61,27 @@ def scope_lines(rules: list[ScopedRule], scope: str) -> list[str]:
 
 def render_commands(rules: list[ScopedRule], summary: Summary, verbose: int, drop: bool, scope: str = "none") -> str:
     lines = ["#!/bin/sh", *("# " + comment_line(h) for h in header_lines(summary)), *scope_lines(rules, scope)]
+    # Numbered inserts: above the rules the chain holds already, and in the order of this file.
+    positions = {"iptables": 0, "ip6tables": 0}
+
+    def insert(binary: str, spec: str) -> str:
+        positions[binary] += 1
+        return f"{binary} -I OUTPUT {positions[binary]} {spec}"
+
+    if drop:
+        lines.append("# replies first, and IPv6 neighbour discovery (the DROP policy below would cut it off)")
+        lines.append(insert("iptables", ESTABLISHED))
+        lines.append(insert("ip6tables", ESTABLISHED))
+        for ndp in NDP_TYPES:
+            lines.append(insert("ip6tables", f"-p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT"))
     if not rules:
         lines.append("# no connections seen")
     for scoped in rules:
         binary = "iptables" if scoped.rule.family is Family.IPV4 else "ip6tables"
         lines.extend(describe_rule(scoped, verbose))
-        lines.append(f"{binary} -I OUTPUT {rule_spec(scoped)}")
+        lines.append(insert(binary, rule_spec(scoped)))
     if drop:
-        # -I puts each rule first: these go last so they end up on top.
         lines.append("# default deny: only the connections above (and replies) are allowed")
-        for ndp in NDP_TYPES:
-            lines.append(f"ip6tables -I OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT")
-        lines.append(f"iptables -I OUTPUT {ESTABLISHED}")
-        lines.append(f"ip6tables -I OUTPUT {ESTABLISHED}")
         lines.append("iptables -P OUTPUT DROP")
         lines.append("ip6tables -P OUTPUT DROP")
     return "\n".join(lines) + "\n"

@@ -156,7 +156,7 @@ def python_connect(ns: Namespace, host: str, port: int, hold: float = 0.0, marke
 def new_flow_lines(stderr: list[str], host: str, port: int, comm: str | None = None) -> list[str]:
     endpoint = re.escape(f"[{host}]" if ":" in host else host)
     by = rf" by {re.escape(comm)} " if comm else " by "
-    pattern = re.compile(rf"^new TCP connection \S+ -> {endpoint}:{port}\b.*{by}")
+    pattern = re.compile(rf"^new TCP connection (?:\S+ )?-> {endpoint}:{port}\b.*{by}")
     return [line for line in stderr if pattern.search(line)]
 
 
@@ -258,8 +258,8 @@ def test_command_rules_run_by_sh_allow_what_was_seen_and_block_the_rest(
     assert done.returncode == 0, done.log
     script = done.stdout
     assert script.startswith("#!/bin/sh\n")
-    assert f"iptables -I OUTPUT -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} " in script
-    assert f"ip6tables -I OUTPUT -d {net.b6}/128 -p tcp -m tcp --dport {SEEN_PORT} " in script
+    assert re.search(rf"(?m)^iptables -I OUTPUT \d+ -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} ", script)
+    assert re.search(rf"(?m)^ip6tables -I OUTPUT \d+ -d {net.b6}/128 -p tcp -m tcp --dport {SEEN_PORT} ", script)
     assert_reachable(net, (net.b4, net.b6))
     # On stdin: a busy host's script can be longer than an argument may be.
     net.a.run(["sh", "-e"], input=script)
@@ -282,8 +282,8 @@ def test_signal_mid_run_still_prints_every_rule(
 
     assert done.returncode == 0, done.log
     assert done.ended - sent < 5
-    assert f"iptables -I OUTPUT -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} " in done.stdout
-    assert f"ip6tables -I OUTPUT -d {net.b6}/128 -p tcp -m tcp --dport {SEEN_PORT} " in done.stdout
+    assert re.search(rf"(?m)^iptables -I OUTPUT \d+ -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} ", done.stdout)
+    assert re.search(rf"(?m)^ip6tables -I OUTPUT \d+ -d {net.b6}/128 -p tcp -m tcp --dport {SEEN_PORT} ", done.stdout)
     assert done.stdout.endswith("\n")
     assert any(f"stopped ({signal.Signals(signum).name})" in line for line in done.stderr), done.log
 
@@ -362,7 +362,7 @@ def test_go_tool_flag_form_with_verbose_comments(start_tracer: Callable[..., Tra
     # Verbose 2: the live python client's command line and its parent.
     assert any(line.startswith("#     command line: ") and marker in line for line in lines), done.stdout
     assert any(line.startswith("#     Parent of this process was ") for line in lines), done.stdout
-    assert f"iptables -I OUTPUT -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} " in done.stdout
+    assert re.search(rf"(?m)^iptables -I OUTPUT \d+ -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} ", done.stdout)
 
 
 def test_runs_inside_a_network_namespace_and_mounts_tracefs(start_tracer: Callable[..., Tracer], servers: Link) -> None:
@@ -379,4 +379,4 @@ def test_runs_inside_a_network_namespace_and_mounts_tracefs(start_tracer: Callab
     assert attached and "mounted tracefs at /sys/kernel/tracing" in attached[0], done.log
     lines = new_flow_lines(done.stderr, net.b4, SEEN_PORT, "curl")
     assert len(lines) == 1 and f"(pid {curl_pid}," in lines[0], done.log
-    assert f"iptables -I OUTPUT -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} " in done.stdout
+    assert re.search(rf"(?m)^iptables -I OUTPUT \d+ -d {net.b4}/32 -p tcp -m tcp --dport {SEEN_PORT} ", done.stdout)
