@@ -57,6 +57,13 @@ def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
     return "\n".join(parts).encode()
 
 
+# What the live header calls each path: the detail is in the attach line, doctor and the rules' header.
+SHORT_PATHS = {
+    "kprobe": "kprobes",
+    "cgroup": "cgroup hooks",
+    "tracepoint": "tracepoint",
+    "syscalls": "syscall tracepoints",
+}
 TCP_HOOKS = {
     "kprobe": "kprobes tcp_v4_connect/tcp_v6_connect",
     "cgroup": "TCP: cgroup connect4/6 hooks",
@@ -85,6 +92,11 @@ class AttachPlan:
             parts.append("DNS answers: cgroup_skb ingress")
         parts.append("ring buffer" if self.buffer == "ringbuf" else "perf buffer")
         return f"{', '.join(parts)} ({self.reason})"
+
+    def short(self) -> str:
+        """`cgroup hooks + DNS`: each path by its short name, once."""
+        paths = [SHORT_PATHS[self.path], *((SHORT_PATHS[self.udp],) if self.udp != "off" else ())]
+        return " + ".join([*dict.fromkeys(paths), *(("DNS",) if self.dns else ())])
 
     def pieces(self) -> tuple[str, ...]:
         return (
@@ -361,6 +373,11 @@ class EbpfInput:
             built.cleanup()
             raise
         return built
+
+    @property
+    def path(self) -> str:
+        """The attach paths in use, by their short names (after open())."""
+        return self.plan.short() if self.plan is not None else ""
 
     @property
     def lines(self) -> CountLines | None:
