@@ -15,6 +15,8 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,48 @@ def cgroup2_mount(mountinfo: str | None = None) -> Path | None:
             return point
         fallback = fallback or point  # inside a cgroup namespace the root shows as a sub-path
     return fallback
+
+
+# -- a hierarchy hidden by `ip netns exec` ----------------------------------------
+
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_SLAVE = 0x4000, 0x80000
+MNT_DETACH = 2
+# Where a private mount goes: the hybrid layout's place if /sys has it, else the usual one.
+PRIVATE_CGROUP2_TARGETS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+
+
+def _empty_directory(path: Path) -> bool:
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+@contextmanager
+def cgroup2_where_hidden() -> Iterator[Path | None]:
+    """Where no cgroup v2 hierarchy is mounted (`ip netns exec` mounts a /sys of its own), mount
+    one in a mount namespace of this process's own, for the run only: no other process sees it,
+    and it is unmounted at the end. Yields the mount point, or None where nothing was mounted
+    (already mounted, not root, or the kernel refused)."""
+    if cgroup2_mount() is not None or os.geteuid() != 0:
+        yield None
+        return
+    target = next((t for t in PRIVATE_CGROUP2_TARGETS if _empty_directory(t)), None)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Slave: mounts made here never reach the namespace this one is copied from.
+    if (
+        target is None
+        or libc.unshare(CLONE_NEWNS) != 0
+        or libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0
+        or libc.mount(b"cgroup2", str(target).encode(), b"cgroup2", 0, None) != 0
+    ):
+        yield None
+        return
+    try:
+        yield target
+    finally:
+        libc.umount2(str(target).encode(), MNT_DETACH)
 
 
 # -- path -> service ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -121,6 +122,7 @@ def trace(
 ) -> None:
     """Watch new outbound connections; print the rules that allow them on exit."""
     from egress_auditor.capture import CaptureError, read_resume
+    from egress_auditor.cgroups import cgroup2_where_hidden
     from egress_auditor.command import AuditedCommand, invoking_user
     from egress_auditor.flows import FlowTable
     from egress_auditor.lineage import LineageTracer
@@ -153,21 +155,32 @@ def trace(
     # The command's own output shares the terminal: one line per flow reads better than a redrawn table.
     plain = no_live or bool(command) or not console.is_terminal
     display = PlainLog(sys.stderr) if plain else LiveTable(console, table)
-    run = TraceRun(
-        inputs=input_sel.create(),
-        outputs=output_sel.create(),
-        display=display,
-        duration=seconds,
-        count=count,
-        table=table,
-        lineage=None if no_lineage else LineageTracer(),
-        command=AuditedCommand(command, user=invoking_user()) if command else None,
-        drift=drift,
-        redact=not raw_cmdlines,
-        snapshot_every=every,
-        resumed=resumed,
-    )
-    raise typer.Exit(run.run())
+    # Before anything looks for the hierarchy or starts a thread: the mount is this thread's view.
+    # Only what uses cgroup v2 gets one: the eBPF input's hooks, and a command's cgroup.
+    wanted = "ebpf" in input_sel.chosen or bool(command)
+    with cgroup2_where_hidden() if wanted else contextlib.nullcontext() as mounted:
+        if mounted is not None:
+            print(
+                f"egress-auditor: no cgroup v2 mount here (ip netns exec remounts /sys): mounted one at "
+                f"{mounted} for this run, seen by no other process",
+                file=sys.stderr,
+            )
+        run = TraceRun(
+            inputs=input_sel.create(),
+            outputs=output_sel.create(),
+            display=display,
+            duration=seconds,
+            count=count,
+            table=table,
+            lineage=None if no_lineage else LineageTracer(),
+            command=AuditedCommand(command, user=invoking_user()) if command else None,
+            drift=drift,
+            redact=not raw_cmdlines,
+            snapshot_every=every,
+            resumed=resumed,
+        )
+        status = run.run()
+    raise typer.Exit(status)
 
 
 RULES_EPILOG = """Examples:\n

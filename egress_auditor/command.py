@@ -117,8 +117,7 @@ class AuditedCommand:
             if root is None:
                 raise AuditorError(
                     f"no cgroup v2 hierarchy in {MOUNTINFO} (needed to follow one command): "
-                    "mount -t cgroup2 none /sys/fs/cgroup/unified; under `ip netns exec`, which "
-                    "remounts /sys, use `nsenter --net=/run/netns/NAME` instead"
+                    "mount -t cgroup2 none /sys/fs/cgroup/unified"
                 )
             self.cgroup = AuditCgroup.create(root)
             self._owned[self.cgroup.id] = True

@@ -39,16 +39,13 @@ def endpoint(address: object, port: int, protocol: Transport, named: bool = Fals
 
 
 def new_flow_line(conn: Connection) -> str:
-    """`new TCP connection 10.0.0.2:40112 -> 10.0.0.1:443(https) by curl`, escaped."""
-    src = (
-        endpoint(conn.src, conn.sport, conn.protocol)
-        if conn.src and conn.sport
-        else (str(conn.src) if conn.src else "?")
-    )
+    """`new TCP connection 10.0.0.2:40112 -> 10.0.0.1:443(https) by curl`, escaped; without the
+    source where it is unknown (the cgroup hooks and kprobes run before it is chosen)."""
+    src = endpoint(conn.src, conn.sport, conn.protocol) if conn.src and conn.sport else str(conn.src or "")
     user = conn.process.user or str(conn.uid)
     name = f" ({terminal_text(conn.hostname)})" if conn.hostname else ""
     return (
-        f"new {conn.protocol.name} connection {src} -> "
+        f"new {conn.protocol.name} connection {src + ' ' if src else ''}-> "
         f"{endpoint(conn.dst, conn.dport, conn.protocol, named=True)}{name} by "
         f"{terminal_text(conn.process.name)} (pid {conn.pid or '?'}, user {terminal_text(user)})"
     )

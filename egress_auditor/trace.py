@@ -191,7 +191,8 @@ class TraceRun:
         elapsed = now - self._started
         remaining = f"{max(0.0, self.duration - elapsed):.0f}s" if self.duration else "until ctrl-c"
         return {
-            "attach": "; ".join(self._attach),
+            # Short: the detail is in the attach lines, doctor and the rules' header.
+            "attach": "; ".join(f"{s.name}: {s.path}" if getattr(s, "path", "") else s.name for s in self.inputs),
             "elapsed": f"{elapsed:.0f}s",
             "remaining": remaining,
             "flows": str(len(self.table)),

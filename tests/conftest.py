@@ -11,6 +11,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netns import Link, Namespace, link, namespace
+from unprivileged import nobody_cli as _nobody_cli
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"
 
@@ -51,3 +52,10 @@ def server_ns() -> Iterator[Namespace]:
 def net(client_ns: Namespace, server_ns: Namespace) -> Link:
     """A client and a server namespace joined by a veth pair (IPv4 and IPv6)."""
     return link(client_ns, server_ns)
+
+
+@pytest.fixture(scope="session")
+def nobody_cli() -> Iterator[list[str]]:
+    """argv running egress-auditor as nobody, from a copy it can read wherever the checkout lies."""
+    with _nobody_cli() as argv:
+        yield argv

@@ -175,4 +175,4 @@ def curl(ns: Namespace, url: str, *prefix: str) -> int:
 
 def flow_line(host: str, port: int, protocol: str = "TCP") -> str:
     endpoint = re.escape(f"[{host}]" if ":" in host else host)
-    return rf"^new {protocol} connection \S+ -> {endpoint}:{port}\b"
+    return rf"^new {protocol} connection (?:\S+ )?-> {endpoint}:{port}\b"

@@ -57,6 +57,13 @@ def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
     return "\n".join(parts).encode()
 
 
+# What the live header calls each path: the detail is in the attach line, doctor and the rules' header.
+SHORT_PATHS = {
+    "kprobe": "kprobes",
+    "cgroup": "cgroup hooks",
+    "tracepoint": "tracepoint",
+    "syscalls": "syscall tracepoints",
+}
 TCP_HOOKS = {
     "kprobe": "kprobes tcp_v4_connect/tcp_v6_connect",
     "cgroup": "TCP: cgroup connect4/6 hooks",
@@ -85,6 +92,11 @@ class AttachPlan:
             parts.append("DNS answers: cgroup_skb ingress")
         parts.append("ring buffer" if self.buffer == "ringbuf" else "perf buffer")
         return f"{', '.join(parts)} ({self.reason})"
+
+    def short(self) -> str:
+        """`cgroup hooks + DNS`: each path by its short name, once."""
+        paths = [SHORT_PATHS[self.path], *((SHORT_PATHS[self.udp],) if self.udp != "off" else ())]
+        return " + ".join([*dict.fromkeys(paths), *(("DNS",) if self.dns else ())])
 
     def pieces(self) -> tuple[str, ...]:
         return (
@@ -286,7 +298,6 @@ class EbpfInput:
         src = bpf_source_dir()
         cflags = [
             f"-I{src}",
-            *self.plan.cflags(),
             f"-DEA_MAX_FLOWS={self.options['max_flows']}",
             f"-DEA_RINGBUF_PAGES={self.options['pages']}",
         ]
@@ -299,7 +310,7 @@ class EbpfInput:
             cflags += line_flags
         identity = identity_flags()
         try:
-            self.bpf = self._build(program_text(self.plan.pieces(), src), cflags, identity)
+            self.bpf = self._build_plan(src, cflags, identity)
             if lines:
                 self._lines = CountLines(self.bpf["count_lines"].map_fd, lines)
             if self.plan.path == "kprobe":
@@ -321,6 +332,19 @@ class EbpfInput:
             raise AuditorError(f"could not load the BPF programs ({self.plan.describe()}): {exc}") from exc
         how = "read from the task (BTF)" if self.identity_from_task else "read by helpers"
         return f"{self.plan.describe()}; names and uids {how}{mounted}"
+
+    def _build_plan(self, src: Path, cflags: list[str], identity: list[str]) -> Any:
+        """The plan's BPF object; with dns:auto, one without names where the kernel refuses the DNS program."""
+        assert self.plan is not None
+        try:
+            return self._build(program_text(self.plan.pieces(), src), [*self.plan.cflags(), *cflags], identity)
+        except Exception as exc:  # BCC raises bare Exception for compile and load failures
+            if not self.plan.dns or self.options["dns"] != "auto":
+                raise
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            note = f"; no DNS names: their program did not load ({why})"
+            self.plan = dataclasses.replace(self.plan, dns=False, reason=self.plan.reason + note)
+        return self._build(program_text(self.plan.pieces(), src), [*self.plan.cflags(), *cflags], identity)
 
     def _build(self, text: str, cflags: list[str], identity: list[str]) -> Any:
         """The BPF object, names and uids read from the task where the kernel lets these programs do
@@ -349,6 +373,11 @@ class EbpfInput:
             built.cleanup()
             raise
         return built
+
+    @property
+    def path(self) -> str:
+        """The attach paths in use, by their short names (after open())."""
+        return self.plan.short() if self.plan is not None else ""
 
     @property
     def lines(self) -> CountLines | None:
@@ -433,7 +462,13 @@ class EbpfInput:
             return
         ms = max(0, int(timeout_s * 1000))
         if self.plan.buffer == "ringbuf":
-            self.bpf.ring_buffer_poll(ms)
+            if ms:
+                self.bpf.ring_buffer_poll(ms)
+            # Read every ring, ready or not: the kernel wakes a reader of each ring on its own and
+            # later (irq_work), so epoll may report a connect before the DNS answer that led to it.
+            # The answer was written first; the DNS ring is read after the connects, so it is here.
+            if not ms or self.plan.dns:
+                self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(ms)
         pending, self._pending = self._pending, []
@@ -626,8 +661,9 @@ PLUGIN = Plugin(
         Option(
             "dns",
             "names behind addresses from the DNS answers the host receives (cgroup v2 and ring buffer); "
-            "off by default: its program runs for every packet the host receives",
-            "off",
+            "auto: on where the kernel allows it. Its program runs for every packet the host receives: "
+            "off saves that on hosts that receive very many",
+            "auto",
             ("auto", "on", "off"),
         ),
         Option(

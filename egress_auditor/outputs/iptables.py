@@ -64,22 +64,29 @@ def render_commands(
 ) -> str:
     lines = ["#!/bin/sh", *("# " + comment_line(h) for h in header_lines(summary)), *scope_lines(rules, scope)]
     lines.extend(f"# {line}" for line in policy.explain())
+    # Numbered inserts: above the rules the chain holds already, and in the order of this file.
+    positions = {"iptables": 0, "ip6tables": 0}
+
+    def insert(binary: str, spec: str) -> str:
+        positions[binary] += 1
+        return f"{binary} -I OUTPUT {positions[binary]} {spec}"
+
+    if policy.guarded:
+        lines.append("# loopback, replies and IPv6 neighbour discovery first (the policy below would stop them)")
+        for binary in ("iptables", "ip6tables"):
+            if policy.loopback_first:
+                lines.append(insert(binary, LOOPBACK))
+            lines.append(insert(binary, ESTABLISHED))
+        for ndp in NDP_TYPES:
+            lines.append(insert("ip6tables", f"-p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT"))
     if not rules:
         lines.append("# no connections seen")
     for scoped in rules:
         binary = "iptables" if scoped.rule.family is Family.IPV4 else "ip6tables"
         lines.extend(rule_comments(scoped, verbose))
-        lines.append(f"{binary} -I OUTPUT {rule_spec(scoped)}")
-    if policy.guarded:
-        # -I puts each rule first: these go last so they end up on top.
-        for ndp in NDP_TYPES:
-            lines.append(f"ip6tables -I OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {ndp} -j ACCEPT")
-        lines.append(f"iptables -I OUTPUT {ESTABLISHED}")
-        lines.append(f"ip6tables -I OUTPUT {ESTABLISHED}")
-        if policy.loopback_first:
-            lines.append(f"iptables -I OUTPUT {LOOPBACK}")
-            lines.append(f"ip6tables -I OUTPUT {LOOPBACK}")
+        lines.append(insert(binary, rule_spec(scoped)))
     if policy.audit:
+        # Appended: after the rules the chain held already, as a drop policy would act.
         lines.append(f"iptables -A OUTPUT {audit_target(policy)}")
         lines.append(f"ip6tables -A OUTPUT {audit_target(policy)}")
     if policy.drop:

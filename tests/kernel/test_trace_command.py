@@ -85,7 +85,7 @@ def wait_for(path: Path, proc: subprocess.Popen, err: Path) -> None:
 def rule_ports(stdout: str) -> set[int]:
     ports = set()
     for line in stdout.splitlines():
-        if line.startswith("iptables -I OUTPUT") and "-d 127.0.0.1/32 -p tcp" in line:
+        if line.startswith("iptables -I OUTPUT ") and " -d 127.0.0.1/32 -p tcp" in line:
             ports.add(int(line.split("--dport ")[1].split()[0]))
     return ports
 

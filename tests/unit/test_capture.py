@@ -173,7 +173,7 @@ def test_rules_command_default_is_iptables(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stdout.startswith("#!/bin/sh\n")
     assert (
-        'iptables -I OUTPUT -d 192.0.2.10/32 -p tcp -m tcp --dport 443 -m comment --comment "curl" -j ACCEPT'
+        'iptables -I OUTPUT 1 -d 192.0.2.10/32 -p tcp -m tcp --dport 443 -m comment --comment "curl" -j ACCEPT'
         in result.stdout
     )
 

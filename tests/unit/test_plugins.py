@@ -165,7 +165,8 @@ def test_a_plugin_lacking_part_of_the_contract_is_refused_in_one_line() -> None:
     with pytest.raises(AuditorError) as refused:
         select("output", ["iptables", "old-style"], [], default="iptables", available=available).create()
     message = str(refused.value)
-    assert message == f"output plugin old-style lacks drift, reopen, snapshot: it was not written for {GROUPS['output']}"
+    wanted = f"output plugin old-style lacks drift, reopen, snapshot: it was not written for {GROUPS['output']}"
+    assert message == wanted
     assert refused.value.exit_status == 1
     # With the base class's defaults the same output is accepted.
     fixed = Plugin(name="fixed", kind="output", description="", factory=type("Fixed", (OutputBase, WithoutReopen), {}))

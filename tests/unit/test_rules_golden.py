@@ -95,7 +95,8 @@ def test_golden_empty_and_lossy_run() -> None:
 # ---------------------------------------------------------------- properties of the rules
 
 RULE_LINE = re.compile(
-    r'^(ip6?tables) -I OUTPUT -d (\S+)/(\d+) -p (\w+) -m \w+ --dport (\d+) -m comment --comment "([^"]*)" -j ACCEPT$'
+    r"^(ip6?tables) -I OUTPUT \d+ -d (\S+)/(\d+) -p (\w+) -m \w+ --dport (\d+) "
+    r'-m comment --comment "([^"]*)" -j ACCEPT$'
 )
 
 
