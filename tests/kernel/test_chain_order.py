@@ -28,6 +28,8 @@ def key(rule: str) -> str:
         return " ".join(found.groups())
     if "--ctstate" in rule:
         return "replies"
+    if "-o lo " in rule:
+        return "loopback"
     if found := re.search(r"--icmpv6-type (\S+)", rule):
         return "ndp " + NDP_NUMBERS.get(found.group(1), found.group(1))
     if "--comment mine" in rule:
@@ -35,7 +37,7 @@ def key(rule: str) -> str:
     raise AssertionError(f"unexpected rule: {rule}")
 
 
-@pytest.mark.parametrize("policy", ["accept", "drop"])
+@pytest.mark.parametrize("policy", ["accept", "drop", "audit"])
 def test_the_chain_holds_the_rules_in_the_files_order(client_ns: Namespace, tmp_path: Path, policy: str) -> None:
     text = rendered("iptables:verbose:1", f"iptables:policy:{policy}")
     script = tmp_path / "rules.sh"
@@ -45,8 +47,9 @@ def test_the_chain_holds_the_rules_in_the_files_order(client_ns: Namespace, tmp_
     client_ns.run(["sh", "-e", str(script)])
     for binary in ("iptables", "ip6tables"):
         in_file = [key(line) for line in text.splitlines() if line.startswith(f"{binary} -I OUTPUT")]
+        appended = ["audit"] if policy == "audit" else []  # after every rule, the user's too
         listed = client_ns.run([binary, "-S", "OUTPUT"]).stdout.splitlines()
-        in_chain = [key(line) for line in listed if line.startswith("-A OUTPUT")]
+        in_chain = [key(line) if "NFLOG" not in line else "audit" for line in listed if line.startswith("-A OUTPUT")]
         assert len(in_file) >= 2
-        assert in_chain == [*in_file, "mine"], text
-        assert f"-P OUTPUT {policy.upper()}" in listed
+        assert in_chain == [*in_file, "mine", *appended], text
+        assert f"-P OUTPUT {'DROP' if policy == 'drop' else 'ACCEPT'}" in listed
