@@ -80,6 +80,12 @@ def trace(
     input_options: list[str] = typer.Option([], "--input-option", "-I", help="plugin:key:value for an input."),
     output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
     no_live: bool = typer.Option(False, "--no-live", help="One line per new flow on stderr instead of the live table."),
+    summary_every: str | None = typer.Option(
+        None,
+        "--summary-every",
+        help="Without the live table: a summary line on stderr this often (flows, connections, "
+        "events lost, memory): 10m, 1h.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     no_lineage: bool = typer.Option(
         False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
@@ -100,6 +106,7 @@ def trace(
     from egress_auditor.trace import TraceRun
 
     seconds = parse_duration(duration) if duration is not None else None
+    summary_seconds = parse_duration(summary_every) if summary_every is not None else None
     input_sel = select("input", inputs, input_options, default="ebpf")
     output_sel = select("output", outputs, output_options, default="iptables")
     table = FlowTable()
@@ -116,6 +123,7 @@ def trace(
         table=table,
         lineage=None if no_lineage else LineageTracer(),
         command=AuditedCommand(command, user=invoking_user()) if command else None,
+        summary_every=summary_seconds,
     )
     raise typer.Exit(run.run())
 
