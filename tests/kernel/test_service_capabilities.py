@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 from netns import Namespace
+from service_unit import as_root_service, unit_capabilities
 
 from egress_auditor.cgroups import cgroup2_mount
 
-UNIT = Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "egress-auditor.service"
 EGRESS_AUDITOR = str(Path(sys.executable).with_name("egress-auditor"))
 PYTHON = "/usr/bin/python3"
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
@@ -46,13 +46,6 @@ LINE_WAIT_S = 30.0  # on a busy host the tool may be seconds behind
 # second: a larger event buffer and flow map than the defaults lose fewer of ours among them.
 BUSY_HOST = ["-I", "ebpf:pages:4096", "-I", "ebpf:max_flows:524288"]
 CAP_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
-
-
-def unit_capabilities() -> list[str]:
-    for line in UNIT.read_text().splitlines():
-        if line.startswith("CapabilityBoundingSet="):
-            return line.partition("=")[2].split()
-    raise AssertionError("the unit sets no CapabilityBoundingSet")
 
 
 @dataclass
@@ -88,12 +81,10 @@ def trace_with(capabilities: list[str], ns: Namespace, tmp: Path) -> Trace:
     )
     assert early.stdin is not None
     err_path = tmp / f"stderr-{random.randrange(1 << 30)}"
-    bounding = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in capabilities)])
     ns_enter = ["nsenter", f"--net=/run/netns/{ns.name}"]
-    # As systemd starts a root service with CapabilityBoundingSet= and NoNewPrivileges=.
-    limits = ["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--inh-caps=-all", "--"]
+    limits = as_root_service(capabilities)
     proc = subprocess.Popen(
-        [*ns_enter, *limits, EGRESS_AUDITOR, "trace", "--no-live", "-o", "json", *BUSY_HOST],
+        [*ns_enter, *limits, EGRESS_AUDITOR, "trace", "--no-live", "--summary-every", "1s", "-o", "json", *BUSY_HOST],
         stdout=subprocess.PIPE,
         stderr=err_path.open("w"),
         text=True,
@@ -143,6 +134,7 @@ def trace_with(capabilities: list[str], ns: Namespace, tmp: Path) -> Trace:
             os.chown(delegated, 65534, 65534)
             delegated.chmod(0o700)
             recorded("cgroup", lambda port: from_new(port, service))
+            assert wait_for_line("egress-auditor: summary: ", err_path, proc)  # every second
             proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=60)
     finally:
@@ -186,6 +178,10 @@ def test_the_units_capabilities_record_connections_with_processes_and_services(
     run = trace_with(capabilities, client_ns, tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.cap_eff == mask(capabilities)  # exactly the unit's set, no more
+    # The journal's periodic line, with the tool's own memory as the kernel counts it.
+    assert re.search(
+        r"^egress-auditor: summary: \d+ flows, \d+ connections, \d+ events lost, [1-9]\d* MB resident", run.stderr, re.M
+    )
     early = run.flows[run.ports["early"][0]]["process"]
     assert (early["user"], early["name"]) == ("nobody", "python3")
     assert early["exe"] and early["cmdline"] == ["python3", "-c", EARLY], early
