@@ -40,11 +40,12 @@ CONNECT = "import socket,sys; socket.socket().connect_ex(('127.0.0.1', int(sys.a
 # Waits (as nobody, from before the trace) for a line on stdin, then connects.
 EARLY = "import socket,sys\nfor port in sys.stdin: socket.socket().connect_ex(('127.0.0.1', int(port)))"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-ATTEMPTS = 3
-LINE_WAIT_S = 30.0  # on a busy host the tool may be seconds behind
+ATTEMPTS = 5
+LINE_WAIT_S = 15.0  # on a busy host the tool may be seconds behind
 # The trace sees the whole host, where other tests (benchmarks) may open thousands of new flows a
-# second: a larger event buffer and flow map than the defaults lose fewer of ours among them.
-BUSY_HOST = ["-I", "ebpf:pages:4096", "-I", "ebpf:max_flows:524288"]
+# second: a larger flow map than the default keeps ours; the default event buffer keeps the tool
+# at most a second or two behind (a larger one holds a longer backlog), so a lost event is retried.
+BUSY_HOST = ["-I", "ebpf:max_flows:524288"]
 CAP_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
 
 
