@@ -63,6 +63,13 @@ def test_the_unit_runs_the_trace_indefinitely_with_its_options_from_the_environm
     assert argv[3:] == ["$EGRESS_AUDITOR_OPTIONS"]  # unbraced: systemd splits it into words
     assert settings["EnvironmentFile"] == ["/etc/default/egress-auditor"]
     assert settings["Restart"] == ["on-failure"]
+    # Restarts stop on a host that cannot run it: more tries in the interval than RestartSec allows.
+    (interval,), (burst,), (pause,) = (
+        settings["StartLimitIntervalSec"],
+        settings["StartLimitBurst"],
+        settings["RestartSec"],
+    )
+    assert int(burst) * int(pause) < int(interval)
     assert settings["StateDirectory"] == ["egress-auditor"]
     assert settings["WantedBy"] == ["multi-user.target"]
 
