@@ -37,7 +37,7 @@ PYTHON = "/usr/bin/python3"
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 STARTUP_S = 90.0
 CONNECT = "import socket,sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1])))"
-# Waits (as nobody, from before the trace) for a line on stdin, then connects.
+# Runs as nobody from before the trace; connects to each port given on its stdin.
 EARLY = "import socket,sys\nfor port in sys.stdin: socket.socket().connect_ex(('127.0.0.1', int(port)))"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 ATTEMPTS = 5
