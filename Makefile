@@ -1,5 +1,5 @@
 # Convenience targets; each provisions the host first (scripts/setup.sh, root).
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench install-service
 
 setup:
 	bash scripts/setup.sh
@@ -16,3 +16,6 @@ lint:
 
 bench: setup
 	.venv/bin/python bench/run.py
+
+install-service: setup
+	bash scripts/install-service.sh

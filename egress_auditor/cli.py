@@ -88,6 +88,12 @@ def trace(
     input_options: list[str] = typer.Option([], "--input-option", "-I", help="plugin:key:value for an input."),
     output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
     no_live: bool = typer.Option(False, "--no-live", help="One line per new flow on stderr instead of the live table."),
+    summary_every: str | None = typer.Option(
+        None,
+        "--summary-every",
+        help="Without the live table: a summary line on stderr this often (flows, connections, "
+        "events lost, memory): 10m, 1h.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     no_lineage: bool = typer.Option(
         False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
@@ -137,6 +143,7 @@ def trace(
         raise UsageError(f"cannot resume: {exc}") from None
     for note in resumed.notes if resumed else []:
         print(f"egress-auditor: {note}", file=sys.stderr)
+    summary_seconds = parse_duration(summary_every) if summary_every is not None else None
     input_sel = select("input", inputs, input_options, default="ebpf")
     output_sel = select("output", outputs, output_options, default="iptables")
     drift = None
@@ -178,6 +185,7 @@ def trace(
             redact=not raw_cmdlines,
             snapshot_every=every,
             resumed=resumed,
+            summary_every=summary_seconds,
         )
         status = run.run()
     raise typer.Exit(status)

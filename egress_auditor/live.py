@@ -72,6 +72,9 @@ class PlainLog:
     def refresh(self, status: dict[str, str]) -> None:
         pass
 
+    def summary(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
     def stop(self) -> None:
         pass
 
@@ -121,6 +124,9 @@ class LiveTable:
         if self.live is not None and now - self._drawn >= self.REDRAW_S:
             self._drawn = now
             self.live.update(self._render())
+
+    def summary(self, line: str) -> None:
+        pass  # the table's header shows the same counts, always current
 
     def stop(self) -> None:
         if self.live is not None:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
+import psutil
+
 from egress_auditor.capture import Capture, merge_flows
 from egress_auditor.cgroups import CgroupResolver
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
@@ -58,6 +60,15 @@ KILL_AFTER_SIGNALS = 3  # stop requests the command may ignore before its cgroup
 TERM_GRACE_S = 5.0  # after --duration/--count ends a command's run: SIGTERM, then SIGKILL this much later
 
 
+def time_span(seconds: float) -> str:
+    """`0:10:00`, `6d 02:10:00`."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}" if days else f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 @dataclass
 class TraceRun:
     inputs: list[Input]
@@ -76,6 +87,7 @@ class TraceRun:
     redact: bool = True  # secrets in command lines become *** before any output sees them
     snapshot_every: float | None = None  # seconds between snapshots (SIGUSR1 asks for one at any time)
     resumed: Capture | None = None  # flows of earlier runs this one carries on from
+    summary_every: float | None = None  # seconds between summary lines (a log has no live table)
 
     def __post_init__(self) -> None:
         self._stop_reason: str | None = None
@@ -200,6 +212,18 @@ class TraceRun:
             "lost events": str(s.events_lost),
         }
 
+    def summary_line(self, stats: InputStats) -> str:
+        """What a log of a long run needs now and then: totals, losses, memory, time up."""
+        rss_mb = psutil.Process().memory_info().rss / 1048576
+        return (
+            f"egress-auditor: summary: {len(self.table)} flows, {self._connects_from(stats)} connections, "
+            f"{stats.events_lost} events lost, {rss_mb:.0f} MB resident, up {time_span(time.time() - self._started)}"
+        )
+
+    def _summarise(self) -> None:
+        line = self.summary_line(self.stats())
+        self._deliver(self.display, lambda d: d.summary(line))
+
     # -- the run -------------------------------------------------------------
     def run(self) -> int:
         """The whole run; returns the exit status (the command's, with one)."""
@@ -288,6 +312,7 @@ class TraceRun:
         lost_at_sync = 0
         next_status = 0.0
         next_snapshot = time.monotonic() + (self.snapshot_every or 0.0)
+        next_summary = time.monotonic() + self.summary_every if self.summary_every else None
         while self._stop_reason is None:
             now = time.time()
             if self._reopen_requested:
@@ -321,6 +346,10 @@ class TraceRun:
                 # Flows whose first event was lost exist only in the kernel map until a sync: go soon.
                 if stats.events_lost > lost_at_sync:
                     next_sync = min(next_sync, synced_at + SYNC_S)
+            if next_summary is not None and self.summary_every and time.monotonic() >= next_summary:
+                # On the interval's grid, so lines stay evenly spaced; a stalled loop skips, never bunches.
+                next_summary = max(next_summary + self.summary_every, time.monotonic())
+                self._summarise()
 
     def _end_command(self, reason: str) -> bool:
         """--duration or --count reached: stop now, or first ask the command to end (True: stop now)."""

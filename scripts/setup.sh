@@ -22,7 +22,8 @@ apt_install() {
 }
 
 packages=(python3-bpfcc bpfcc-tools python3-venv python3-pip iptables nftables iproute2
-          curl wget gcc make libc6-dev procps util-linux netbase dnsmasq-base iputils-ping bpftool)
+          curl wget gcc make libc6-dev procps util-linux netbase dnsmasq-base iputils-ping bpftool
+          systemd)
 missing=()
 for p in "${packages[@]}"; do installed "$p" || missing+=("$p"); done
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"

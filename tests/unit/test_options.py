@@ -246,6 +246,7 @@ def run_cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         (["trace", "-o", "nope"], "valid: iptables"),
         (["trace", "-O", "iptables:verbose:9"], "valid: 0, 1, 2"),
         (["trace", "-t", "abc"], "90s, 5m, 1h"),
+        (["trace", "--summary-every", "soon"], "90s, 5m, 1h"),
         (["trace", "-C", "0"], "--count"),
         (["-O", "bad"], "plugin:key:value"),
         (["-i", "nope"], "valid: ebpf"),
