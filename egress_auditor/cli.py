@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from egress_auditor import __version__, host
+from egress_auditor.compiler import show_warnings
 from egress_auditor.errors import AuditorError, UsageError
 from egress_auditor.plugins import registered, select
 
@@ -99,6 +100,7 @@ def trace(
     from egress_auditor.live import LiveTable, PlainLog
     from egress_auditor.trace import TraceRun
 
+    show_warnings(debug)
     seconds = parse_duration(duration) if duration is not None else None
     input_sel = select("input", inputs, input_options, default="ebpf")
     output_sel = select("output", outputs, output_options, default="iptables")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from egress_auditor import host
+from egress_auditor.compiler import warning_flags
 from egress_auditor.dns import DnsNames
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
@@ -340,7 +341,7 @@ class EbpfInput:
         from bcc import BPF, BPFAttachType  # imported late: `list` and `doctor` work without BCC
 
         assert self.plan is not None
-        built = BPF(text=text, cflags=cflags)
+        built = BPF(text=text, cflags=[*cflags, *warning_flags()])
         try:
             for function, prog_type, attach_name in self.plan.cgroup_programs():
                 attach_type = getattr(BPFAttachType, attach_name)
