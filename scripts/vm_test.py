@@ -130,6 +130,19 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def run_kernel(vng: Path, version: str, pytest_args: list[str], timeout_s: float) -> bool:
+    """Boot one kernel and run the stage; a boot that never reached the stage is tried once more
+    (emulation on a loaded host), a stage that ran and failed is not."""
+    for attempt in (1, 2):
+        outcome = _boot_and_test(vng, version, pytest_args, timeout_s)
+        if outcome is not None:
+            return outcome
+        if attempt == 1:
+            say(f"{version}: the stage never started; booting once more")
+    return False
+
+
+def _boot_and_test(vng: Path, version: str, pytest_args: list[str], timeout_s: float) -> bool | None:
+    """True: passed; False: failed; None: the VM never reached the stage."""
     out = CACHE / version
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -162,7 +175,7 @@ def run_kernel(vng: Path, version: str, pytest_args: list[str], timeout_s: float
     why = reason or (f"pytest exited {status}" if status else "the VM ended before the stage finished")
     say(f"{version}: FAILED: {why} ({timing}); last console lines:")
     print(tail(console), file=sys.stderr, flush=True)
-    return False
+    return None if not (out / "started").exists() else False
 
 
 def _quote(arg: str) -> str:
