@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Run tests/vm inside VMs booting Debian's stock kernels (virtme-ng over QEMU's TCG).
 
-Usage: sudo .venv/bin/python scripts/vm_test.py [--kernel SERIES ...] [pytest args]
+Usage: sudo .venv/bin/python scripts/vm_test.py [--kernel SERIES ...] [--bench] [pytest args]
 
 For each kernel series (default: 6.1 and 6.12 of Debian 12) the newest installed
 linux-image with its linux-headers is used, else the newest the registry has is
 installed. virtme-ng boots it over this machine's root file system (read-only)
 with .cache/vm/<kernel> writable, and runs pytest on tests/vm there. pytest's
 output comes back from that folder; a VM that panics or hangs is killed at its
-timeout and the end of its console is printed. Exit status: 0 all passed, 1 a
+timeout and the end of its console is printed. --bench runs bench/path_cost.py there
+instead. Exit status: 0 all passed, 1 a
 stage failed, 3 the VM stage cannot run on this machine (one line says why).
 """
 
@@ -129,11 +130,11 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def run_kernel(vng: Path, version: str, pytest_args: list[str], timeout_s: float) -> bool:
+def run_kernel(vng: Path, version: str, mode: str, pytest_args: list[str], timeout_s: float) -> bool:
     """Boot one kernel and run the stage; a boot that never reached the stage is tried once more
     (emulation on a loaded host), a stage that ran and failed is not."""
     for attempt in (1, 2):
-        outcome = _boot_and_test(vng, version, pytest_args, timeout_s)
+        outcome = _boot_and_test(vng, version, mode, pytest_args, timeout_s)
         if outcome is not None:
             return outcome
         if attempt == 1:
@@ -141,14 +142,14 @@ def run_kernel(vng: Path, version: str, pytest_args: list[str], timeout_s: float
     return False
 
 
-def _boot_and_test(vng: Path, version: str, pytest_args: list[str], timeout_s: float) -> bool | None:
+def _boot_and_test(vng: Path, version: str, mode: str, pytest_args: list[str], timeout_s: float) -> bool | None:
     """True: passed; False: failed; None: the VM never reached the stage."""
     out = CACHE / version
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     console = out / "console.log"
     inside = HERE / "tests" / "vm" / "inside.sh"
-    command = " ".join(["sh", str(inside), str(out), *(_quote(a) for a in pytest_args)])
+    command = " ".join(["sh", str(inside), str(out), mode, *(_quote(a) for a in pytest_args)])
     argv = [
         str(vng), "--run", f"/boot/vmlinuz-{version}", "--disable-kvm", "--memory", "2G", "--cpus", "2",
         "--rwdir", str(out), "--verbose", "--append", "panic=-1", "--exec", command,
@@ -213,6 +214,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", action="append", choices=sorted(SERIES), help="series to boot (repeatable)")
     parser.add_argument("--timeout", type=float, default=720.0, help="seconds each kernel's VM may take")
+    parser.add_argument("--bench", action="store_true", help="run bench/path_cost.py instead of the tests")
     args, pytest_args = parser.parse_known_args()
     reason = why_not()
     if reason:
@@ -225,7 +227,8 @@ def main() -> int:
         say(f"VM stage not run: provisioning failed: {exc}")
         return CANNOT_RUN
     CACHE.mkdir(parents=True, exist_ok=True)
-    results = [run_kernel(vng, version, pytest_args, args.timeout) for version in kernels]
+    mode = "bench" if args.bench else "test"
+    results = [run_kernel(vng, version, mode, pytest_args, args.timeout) for version in kernels]
     return 0 if all(results) else 1
 
 
