@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,6 +114,24 @@ class Run:
     @property
     def attached(self) -> str:
         return next((line for line in self.stderr if "ebpf input attached:" in line), "")
+
+
+_finished: dict[tuple[str, ...], Run | str] = {}
+
+
+def trace_once(options: Sequence[str], *args: Any, **kwargs: Any) -> Run:
+    """trace(), whose failure is kept: pytest sets a failed module fixture up again for each test
+    that uses it, and a start costs 80 s or more here."""
+    key = tuple(options)
+    if key not in _finished:
+        try:
+            _finished[key] = trace(options, *args, **kwargs)
+        except AssertionError as exc:
+            _finished[key] = str(exc)
+    result = _finished[key]
+    if isinstance(result, str):
+        pytest.fail(f"(this tracer run failed once already) {result}", pytrace=False)
+    return result
 
 
 def trace(
@@ -243,13 +262,13 @@ def auto_run(listeners: dict[str, int], dns_server: None, blink: str) -> Run:
     """auto: the cheapest TCP path that loads (the cgroup hooks), cgroup hooks for UDP, DNS names,
     the ring buffer, kernel lineage."""
     traffic = [*common_traffic(listeners), ("dns", DNS_NAME, DNS_PORT), ("blink", blink, BLINK_PORT)]
-    return trace(["-I", "ebpf:dns:on"], traffic)
+    return trace_once(["-I", "ebpf:dns:on"], traffic)
 
 
 @pytest.fixture(scope="module")
 def kprobe_run(listeners: dict[str, int]) -> Run:
     # Without lineage: its compile would double this start, and auto_run checks it.
-    return trace(["-I", "ebpf:probe:kprobe", "--no-lineage"], common_traffic(listeners))
+    return trace_once(["-I", "ebpf:probe:kprobe", "--no-lineage"], common_traffic(listeners))
 
 
 def test_auto_takes_the_cgroup_hooks(auto_run: Run) -> None:
@@ -348,7 +367,7 @@ def command_run(listeners: dict[str, int], tmp_path_factory: pytest.TempPathFact
     words = [str(w) for item in common_traffic(listeners) for w in item]
     command = [sys.executable, "-c", COMMAND, str(go), CLIENT, *words]
     options = ["-I", "ebpf:probe:fentry", "-I", "ebpf:udp:syscalls"]
-    return trace(options, [("tcp", "127.0.0.1", OUTSIDE_PORT)], command=command, go=go, wait_s=300)
+    return trace_once(options, [("tcp", "127.0.0.1", OUTSIDE_PORT)], command=command, go=go, wait_s=300)
 
 
 def test_command_run_on_fentry_and_syscalls(command_run: Run) -> None:
@@ -376,7 +395,8 @@ def test_command_run_leaves_out_other_processes(command_run: Run) -> None:
 @pytest.fixture(scope="module")
 def tracepoint_run(listeners: dict[str, int]) -> Run:
     """The tracepoint for TCP and the perf buffer (so UDP goes through syscall tracepoints)."""
-    return trace(["-I", "ebpf:probe:tracepoint", "-I", "ebpf:buffer:perf", "--no-lineage"], common_traffic(listeners))
+    options = ["-I", "ebpf:probe:tracepoint", "-I", "ebpf:buffer:perf", "--no-lineage"]
+    return trace_once(options, common_traffic(listeners))
 
 
 def test_tracepoint_and_perf_buffer(tracepoint_run: Run, listeners: dict[str, int]) -> None:
