@@ -55,7 +55,18 @@ def installed(package: str) -> bool:
     return "install ok installed" in out
 
 
+_updated = False
+
+
+def apt_update() -> None:
+    global _updated
+    if not _updated:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        _updated = True
+
+
 def apt_install(packages: list[str]) -> None:
+    apt_update()
     say(f"installing {' '.join(packages)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "INITRD": "No"}  # vng boots without an initrd
     subprocess.run(
@@ -78,10 +89,11 @@ def kernel_for(series: str) -> str:
     ]
     if here:
         return max(here, key=version_key)
+    apt_update()
     names = subprocess.run(["apt-cache", "pkgnames", "linux-image-6."], capture_output=True, text=True, check=True)
     offered = [m.group(1) for name in names.stdout.split() if (m := pattern.match(name))]
     if not offered:
-        raise SystemExit(f"vm: no linux-image of series {series} in the package registry")
+        raise LookupError(f"no linux-image of series {series} in the package registry")
     version = max(offered, key=version_key)
     apt_install([f"linux-image-{version}", f"linux-headers-{version}"])
     return version
@@ -103,7 +115,6 @@ def why_not() -> str | None:
 def provision() -> Path:
     missing = [p for p in HOST_PACKAGES if not installed(p)]
     if missing:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
         apt_install(missing)
     vng = VNG_VENV / "bin" / "vng"
     if not vng.exists():
@@ -223,7 +234,7 @@ def main() -> int:
     try:
         vng = provision()
         kernels = [kernel_for(series) for series in args.kernel or sorted(SERIES, key=version_key)]
-    except (subprocess.CalledProcessError, OSError) as exc:
+    except (subprocess.CalledProcessError, OSError, LookupError) as exc:
         say(f"VM stage not run: provisioning failed: {exc}")
         return CANNOT_RUN
     CACHE.mkdir(parents=True, exist_ok=True)
