@@ -47,7 +47,9 @@ static __always_inline void dns_copy_answer(struct __sk_buff *skb, struct ea_skb
     if (len > EA_DNS_MAX - 1)
         len = EA_DNS_MAX - 1;
     asm volatile("%[len] &= %[mask]" : [len] "+r"(len) : [mask] "i"(EA_DNS_MAX - 1));
-    if (len == 0) {
+    /* Never true (checked above, but the asm hides it); an ordered comparison, where `len == 0`
+     * would do, gives 6.1's verifier the lower bound bpf_skb_load_bytes needs (no zero size). */
+    if (len < 12) {
         dns_events.ringbuf_discard(ev, 0);
         return;
     }

@@ -207,17 +207,20 @@ def _boot_seconds(out: Path, started_monotonic: float) -> str:
 def _watch(proc: subprocess.Popen[bytes], out: Path, started: float, timeout_s: float) -> str | None:
     """Wait for the VM; kill it (QEMU and all) at the boot or stage timeout. The reason, or None."""
     reason = None
-    while proc.poll() is None:
-        now = time.monotonic() - started
-        if not (out / "started").exists() and now > BOOT_TIMEOUT_S:
-            reason = f"no shell after {BOOT_TIMEOUT_S} s (boot hung or panicked)"
-        elif now > timeout_s:
-            reason = f"stage not finished after {timeout_s:.0f} s (hung)"
-        if reason:
+    try:
+        while proc.poll() is None:
+            now = time.monotonic() - started
+            if not (out / "started").exists() and now > BOOT_TIMEOUT_S:
+                reason = f"no shell after {BOOT_TIMEOUT_S} s (boot hung or panicked)"
+            elif now > timeout_s:
+                reason = f"stage not finished after {timeout_s:.0f} s (hung)"
+            if reason:
+                break
+            time.sleep(1)
+    finally:  # also when this harness is interrupted or terminated: no QEMU outlives it
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            break
-        time.sleep(1)
     return reason
 
 
@@ -227,6 +230,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=720.0, help="seconds each kernel's VM may take")
     parser.add_argument("--bench", action="store_true", help="run bench/path_cost.py instead of the tests")
     args, pytest_args = parser.parse_known_args()
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
     reason = why_not()
     if reason:
         say(f"VM stage not run: {reason}")
