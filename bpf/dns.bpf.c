@@ -47,7 +47,9 @@ static __always_inline void dns_copy_answer(struct __sk_buff *skb, struct ea_skb
     if (len > EA_DNS_MAX - 1)
         len = EA_DNS_MAX - 1;
     asm volatile("%[len] &= %[mask]" : [len] "+r"(len) : [mask] "i"(EA_DNS_MAX - 1));
-    if (len == 0) {
+    /* Never true (checked above, but the asm hides it); an ordered comparison, where `len == 0`
+     * would do, gives 6.1's verifier the lower bound bpf_skb_load_bytes needs (no zero size). */
+    if (len < 12) {
         dns_events.ringbuf_discard(ev, 0);
         return;
     }
@@ -55,8 +57,10 @@ static __always_inline void dns_copy_answer(struct __sk_buff *skb, struct ea_skb
         dns_events.ringbuf_discard(ev, 0);
         return;
     }
+    /* The key is looked up from the stack: 6.1's verifier takes no ring buffer memory as a map key. */
+    u64 cookie = bpf_get_socket_cookie(skb);
     ev->ts_ns = bpf_ktime_get_ns();
-    ev->cookie = bpf_get_socket_cookie(skb);
+    ev->cookie = cookie;
     ev->len = len;
     ev->msg_len = msg_len;
     ev->family = head->family;
@@ -64,7 +68,7 @@ static __always_inline void dns_copy_answer(struct __sk_buff *skb, struct ea_skb
     ev->pid = 0;
     ev->uid = 0;
     __builtin_memset(ev->comm, 0, sizeof(ev->comm));
-    struct ea_dns_owner *owner = dns_owners.lookup(&ev->cookie);
+    struct ea_dns_owner *owner = dns_owners.lookup(&cookie);
     if (owner) {
         ev->pid = owner->pid;
         ev->uid = owner->uid;

@@ -1,6 +1,7 @@
 /* New outbound TCP connections, counted per flow in the kernel.
  * Attach path chosen at compile time:
  *   EA_PATH_KPROBE      kprobes on tcp_v4_connect / tcp_v6_connect
+ *   EA_PATH_FENTRY      fentry (BPF trampolines) on the same functions
  *   EA_PATH_CGROUP      the cgroup connect4/6 hooks (cgroup_hooks.bpf.c)
  *   EA_PATH_TRACEPOINT  sock:inet_sock_set_state, CLOSE -> SYN_SENT
  * Output: EA_USE_RINGBUF selects the ring buffer, else a perf buffer.
@@ -53,10 +54,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 }
 #endif /* EA_PATH_TRACEPOINT */
 
-#ifdef EA_PATH_KPROBE
+#if defined(EA_PATH_KPROBE) || defined(EA_PATH_FENTRY)
 /* The destination comes from the sockaddr the kernel copied from connect(2);
  * the source is not chosen yet at entry. */
-int trace_v4(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len)
+static __always_inline int connect_v4(void *ctx, struct sockaddr *uaddr, int addr_len)
 {
     struct sockaddr_in sin = {};
 #ifdef EA_UDP_SYSCALLS
@@ -76,7 +77,7 @@ int trace_v4(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len
     return 0;
 }
 
-int trace_v6(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len)
+static __always_inline int connect_v6(void *ctx, struct sockaddr *uaddr, int addr_len)
 {
     struct sockaddr_in6 sin6 = {};
 #ifdef EA_UDP_SYSCALLS
@@ -98,7 +99,32 @@ int trace_v6(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len
     record_connect(ctx, &ev, 0);
     return 0;
 }
+#endif /* EA_PATH_KPROBE || EA_PATH_FENTRY */
+
+#ifdef EA_PATH_KPROBE
+int trace_v4(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len)
+{
+    return connect_v4(ctx, uaddr, addr_len);
+}
+
+int trace_v6(struct pt_regs *ctx, void *sk, struct sockaddr *uaddr, int addr_len)
+{
+    return connect_v6(ctx, uaddr, addr_len);
+}
 #endif /* EA_PATH_KPROBE */
+
+#ifdef EA_PATH_FENTRY
+/* BCC attaches these at load (kfunc__ names); the arguments come typed from the kernel's BTF. */
+KFUNC_PROBE(tcp_v4_connect, void *sk, struct sockaddr *uaddr, int addr_len)
+{
+    return connect_v4(ctx, uaddr, addr_len);
+}
+
+KFUNC_PROBE(tcp_v6_connect, void *sk, struct sockaddr *uaddr, int addr_len)
+{
+    return connect_v6(ctx, uaddr, addr_len);
+}
+#endif /* EA_PATH_FENTRY */
 
 #ifdef EA_PATH_CGROUP
 /* Called by the connect4/6 programs at the cgroup v2 root: once per connect()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from egress_auditor import __version__, host
+from egress_auditor.compiler import show_warnings
 from egress_auditor.errors import AuditorError, UsageError
 from egress_auditor.plugins import registered, select
 
@@ -135,6 +136,7 @@ def trace(
     from egress_auditor.live import LiveTable, PlainLog
     from egress_auditor.trace import TraceRun
 
+    show_warnings(debug)
     seconds = parse_duration(duration) if duration is not None else None
     every = parse_duration(snapshot_every) if snapshot_every is not None else None
     try:

@@ -113,6 +113,48 @@ def kprobes_usable() -> tuple[bool, str]:
     return True, "kprobes on " + " / ".join(KPROBE_FUNCTIONS)
 
 
+_BPF_PROG_LOAD, _BPF_RAW_TRACEPOINT_OPEN = 5, 17
+_BPF_PROG_TYPE_TRACING, _BPF_TRACE_FENTRY = 26, 24
+_EMPTY_PROGRAM = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # r0 = 0; exit
+_GPL = b"GPL\0"
+
+
+def fentry_usable() -> tuple[bool, str]:
+    """Load an empty fentry program on each function the TCP path needs, attach it and detach it
+    at once: the kernel's own answer (trampolines, BTF, and a policy that lets them load)."""
+    from egress_auditor.inputs.task_fields import function_btf_ids  # late: host is imported by the inputs
+
+    ids = function_btf_ids(KPROBE_FUNCTIONS)
+    if ids is None:
+        return False, "no kernel BTF (or libbpf too old to read it)"
+    missing = [name for name, type_id in zip(KPROBE_FUNCTIONS, ids, strict=True) if type_id <= 0]
+    if missing:
+        return False, f"kernel functions not in BTF: {', '.join(missing)}"
+    insns = ctypes.create_string_buffer(_EMPTY_PROGRAM, len(_EMPTY_PROGRAM))
+    licence = ctypes.create_string_buffer(_GPL, len(_GPL))
+    for name, type_id in zip(KPROBE_FUNCTIONS, ids, strict=True):
+        fields = [0] * 28
+        fields[0], fields[1] = _BPF_PROG_TYPE_TRACING, len(_EMPTY_PROGRAM) // 8
+        fields[2:4] = _u64_words(ctypes.addressof(insns))
+        fields[4:6] = _u64_words(ctypes.addressof(licence))
+        fields[17], fields[27] = _BPF_TRACE_FENTRY, type_id  # expected_attach_type, attach_btf_id
+        try:
+            prog = bpf_syscall(_BPF_PROG_LOAD, fields)
+        except OSError as exc:
+            return False, f"fentry program refused on {name}: {exc.strerror}"
+        try:
+            os.close(bpf_syscall(_BPF_RAW_TRACEPOINT_OPEN, [0, 0, prog]))
+        except OSError as exc:
+            return False, f"fentry attach refused on {name}: {exc.strerror}"
+        finally:
+            os.close(prog)
+    return True, "fentry on " + " / ".join(KPROBE_FUNCTIONS)
+
+
+def _u64_words(value: int) -> list[int]:
+    return [value & 0xFFFFFFFF, value >> 32]
+
+
 def bpf_syscall(command: int, fields: list[int]) -> int:
     """bpf(2) with a union bpf_attr whose leading u32 fields are `fields`;
     returns the result (a new fd for the commands used here) or raises OSError."""
@@ -205,6 +247,12 @@ def checks() -> list[Check]:
             kprobes_ok,
             kprobes_detail,
             "none needed: TCP is seen at the cgroup connect hooks (or the tracepoint) instead",
+            required=False,
+        ),
+        Check(
+            "fentry (BPF trampolines)",
+            *fentry_usable(),
+            "none needed: kprobes, the cgroup connect hooks or the tracepoint are used instead",
             required=False,
         ),
     ]

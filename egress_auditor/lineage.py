@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 from egress_auditor import host
+from egress_auditor.compiler import warning_flags
 from egress_auditor.errors import AuditorError
 from egress_auditor.model import Attribution, Process
 from egress_auditor.process import user_name
@@ -405,7 +406,7 @@ class LineageTracer:
             args_from = ARGS_FROM_SYSCALLS
             cflags = [*cflags, "-DEA_EXEC_ARGS_SYSCALLS"]
         try:
-            self.bpf = BPF(src_file=str(src / "process.bpf.c").encode(), cflags=cflags)
+            self.bpf = BPF(src_file=str(src / "process.bpf.c").encode(), cflags=[*cflags, *warning_flags()])
             self.bpf[b"lineage_events"].open_ring_buffer(self._on_event)
         except Exception as exc:  # BCC raises bare Exception for compile and attach failures
             self.close()

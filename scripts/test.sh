@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Provision this host (scripts/setup.sh), then run the linter and every test:
-# unit tests, and kernel tests that load BPF and use network namespaces.
+# unit tests, kernel tests that load BPF and use network namespaces, and the
+# VM stage (scripts/vm_test.py: Debian's stock kernels under QEMU) where QEMU can run.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 "$here/scripts/setup.sh"
@@ -14,4 +15,17 @@ status=$?
 set -e
 # pytest's 5 means no test ran: that is a failure here, never a pass.
 [ "$status" -eq 5 ] && echo "no tests were collected" >&2
-exit "$status"
+echo "== VM stage (stock kernels; EGRESS_AUDITOR_VM=off leaves it out)"
+set +e
+if [ $# -eq 0 ]; then
+  .venv/bin/python scripts/vm_test.py
+  vm_status=$?
+else
+  echo "vm: VM stage not run: pytest arguments given (scripts/vm_test.py runs it alone)" >&2
+  vm_status=3
+fi
+set -e
+# 3: this machine cannot run it, and vm_test.py has said why in one line.
+[ "$vm_status" -eq 3 ] && vm_status=0
+[ "$status" -ne 0 ] && exit "$status"
+exit "$vm_status"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from egress_auditor import host
+from egress_auditor.compiler import warning_flags
 from egress_auditor.dns import DnsNames
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Emit, InputStats, OnCount
@@ -65,6 +66,7 @@ SHORT_PATHS = {
     "syscalls": "syscall tracepoints",
 }
 TCP_HOOKS = {
+    "fentry": "fentry tcp_v4_connect/tcp_v6_connect",
     "kprobe": "kprobes tcp_v4_connect/tcp_v6_connect",
     "cgroup": "TCP: cgroup connect4/6 hooks",
     "tracepoint": "tracepoint sock:inet_sock_set_state",
@@ -166,7 +168,14 @@ def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") ->
     why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
     kprobes_ok, kprobes_why = host.kprobes_usable()
     tracepoint_ok = host.tracepoint_exists("sock", "inet_sock_set_state")
-    if probe == "kprobe":
+    # Tried only when it may be chosen: it loads (and attaches) a program.
+    asked_or_next = probe == "fentry" or (probe == "auto" and not cgroup_ok)
+    fentry_ok, fentry_why = host.fentry_usable() if asked_or_next else (False, "")
+    if probe == "fentry":
+        if not fentry_ok:
+            raise AuditorError(f"-I ebpf:probe:fentry: {fentry_why}; use ebpf:probe:kprobe, cgroup, tracepoint or auto")
+        path, reason = "fentry", "asked for fentry"
+    elif probe == "kprobe":
         if not kprobes_ok:
             raise AuditorError(f"-I ebpf:probe:kprobe: {kprobes_why}; use ebpf:probe:cgroup, tracepoint or auto")
         path, reason = "kprobe", "asked for kprobes"
@@ -180,16 +189,21 @@ def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") ->
                 "-I ebpf:probe:tracepoint: sock:inet_sock_set_state not found (kernel 4.16+ and tracefs needed)"
             )
         path, reason = "tracepoint", "asked for the tracepoint"
-    elif kprobes_ok:
-        path, reason = "kprobe", "auto: the kernel has kprobes"
+    # auto: the cheapest path per connect that loads here, by the programs' run times measured side
+    # by side on Debian's stock kernels (docs/benchmarks.md): the cgroup hook (its program reads the
+    # address from its context, and UDP's hooks share it), fentry, kprobes, the tracepoint.
     elif cgroup_ok:
-        path, reason = "cgroup", f"auto: {kprobes_why}"
+        path, reason = "cgroup", "auto: the cheapest per connect"
+    elif fentry_ok:
+        path, reason = "fentry", f"auto: for the cgroup hooks {why_not_cgroup}"
+    elif kprobes_ok:
+        path, reason = "kprobe", f"auto: for the cgroup hooks {why_not_cgroup}; {fentry_why}"
     elif tracepoint_ok:
-        path, reason = "tracepoint", f"auto: {kprobes_why}, and for the cgroup hooks {why_not_cgroup}"
+        path, reason = "tracepoint", f"auto: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}"
     else:
         raise AuditorError(
-            f"no TCP connect hook: {kprobes_why}, for the cgroup hooks {why_not_cgroup}, and tracepoint "
-            "sock:inet_sock_set_state is missing (mount -t tracefs tracefs /sys/kernel/tracing)"
+            f"no TCP connect hook: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}, and "
+            "tracepoint sock:inet_sock_set_state is missing (mount -t tracefs tracefs /sys/kernel/tracing)"
         )
     if buffer == "auto" and not ring_ok:
         reason += "; no ring buffer before 5.8"
@@ -288,7 +302,7 @@ class EbpfInput:
         if problem:
             raise AuditorError(problem)
         mounted = ""
-        if host.tracefs() is None and self.options["probe"] != "kprobe":
+        if host.tracefs() is None and self.options["probe"] not in ("kprobe", "fentry"):
             if host.mount_tracefs() is None:
                 raise AuditorError(
                     "tracefs is not mounted and could not be: mount -t tracefs tracefs /sys/kernel/tracing"
@@ -364,7 +378,7 @@ class EbpfInput:
         from bcc import BPF, BPFAttachType  # imported late: `list` and `doctor` work without BCC
 
         assert self.plan is not None
-        built = BPF(text=text, cflags=cflags)
+        built = BPF(text=text, cflags=[*cflags, *warning_flags()])
         try:
             for function, prog_type, attach_name in self.plan.cgroup_programs():
                 attach_type = getattr(BPFAttachType, attach_name)
@@ -640,10 +654,11 @@ PLUGIN = Plugin(
     options=(
         Option(
             "probe",
-            "TCP attach path: auto picks kprobes when the kernel has them, else the cgroup connect hooks "
-            "(cgroup v2 and ring buffer: one run per connect, source address unknown), else the tracepoint",
+            "TCP attach path: auto picks the cheapest per connect that loads: the cgroup connect hooks "
+            "(cgroup v2 and ring buffer: one run per connect, source address unknown), else fentry, else "
+            "kprobes, else the tracepoint (the only one that sees the source address)",
             "auto",
-            ("auto", "kprobe", "cgroup", "tracepoint"),
+            ("auto", "fentry", "kprobe", "cgroup", "tracepoint"),
         ),
         Option(
             "buffer",

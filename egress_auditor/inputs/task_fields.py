@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 TASK_COMM_LEN = 16  # the flow key's name: what bpf_get_current_comm copies
 # BTF type kinds (include/uapi/linux/btf.h)
-KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_ENUM = 1, 2, 3, 4, 6
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_ENUM, KIND_FUNC = 1, 2, 3, 4, 6, 12
 KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG = 8, 9, 10, 11, 18
 QUALIFIERS = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
 
@@ -130,6 +130,21 @@ def _libbpf() -> ctypes.CDLL | None:
     except AttributeError:  # a libbpf before 0.5
         return None
     return lib
+
+
+def function_btf_ids(names: tuple[str, ...]) -> list[int] | None:
+    """The BTF type ids of kernel functions (0 or less: not found); None without kernel BTF."""
+    lib = _libbpf()
+    if lib is None:
+        return None
+    try:
+        btf = _Btf(lib)
+    except OSError:
+        return None
+    try:
+        return [int(lib.btf__find_by_name_kind(btf.handle, name.encode(), KIND_FUNC)) for name in names]
+    finally:
+        btf.close()
 
 
 @functools.cache

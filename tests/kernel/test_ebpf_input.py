@@ -19,6 +19,7 @@ import pytest
 from fingerprint import nh_fingerprint
 from netns import Link, Namespace, http_server
 
+from egress_auditor import host
 from egress_auditor.errors import AuditorError
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir, plan_attach, program_text
@@ -331,10 +332,10 @@ def test_perf_buffer_path_delivers_events(open_input: Callable[..., EbpfInput], 
     assert [c.pid for c in received.to(net.b6, HTTP_PORT)] == [pid6]
 
 
-def test_auto_plan_chooses_the_cgroup_hooks_and_ring_buffer_without_kprobes() -> None:
+def test_auto_plan_chooses_the_cgroup_hooks_and_ring_buffer() -> None:
     plan = plan_attach("auto", "auto")
     assert (plan.path, plan.buffer) == ("cgroup", "ringbuf")
-    assert "kprobes" in plan.reason
+    assert "cheapest" in plan.reason
     assert plan.describe().startswith("TCP: cgroup connect4/6 hooks at /")
 
 
@@ -356,6 +357,19 @@ def test_asking_for_kprobes_fails_with_one_line(open_input: Callable[..., EbpfIn
         message = str(error)
         assert "kprobe" in message and "\n" not in message
         assert error.exit_status == 1
+
+
+def test_asking_for_fentry_where_the_kernel_refuses_it_fails_with_its_reason(
+    open_input: Callable[..., EbpfInput],
+) -> None:
+    """This kernel answers EPERM to an fentry program (tests/vm run the path on kernels that allow it)."""
+    usable, why = host.fentry_usable()
+    assert not usable and "Operation not permitted" in why, why
+    with pytest.raises(AuditorError) as opened:
+        open_input(probe="fentry")
+    message = str(opened.value)
+    assert "ebpf:probe:fentry" in message and why in message and "\n" not in message
+    assert why in plan_attach("auto", "perf").reason, "auto (no cgroup hooks without the ring buffer) says why not"
 
 
 def test_kprobe_variant_compiles_and_passes_the_verifier() -> None:

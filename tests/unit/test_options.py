@@ -151,7 +151,7 @@ def test_malformed_input_option_names_input_flag() -> None:
         ("output", "iptables:verbose:9", "valid: 0, 1, 2"),
         ("output", "iptables:format:json", "valid: commands, restore"),
         ("output", "iptables:policy:reject", "valid: accept, drop"),
-        ("input", "ebpf:probe:uprobe", "valid: auto, kprobe, cgroup, tracepoint"),
+        ("input", "ebpf:probe:uprobe", "valid: auto, fentry, kprobe, cgroup, tracepoint"),
         ("input", "ebpf:pages:3", "a power of two"),
         ("input", "ebpf:pages:0", "a power of two"),
         ("input", "ebpf:max_flows:0", "a whole number from 1 to 16777216"),
