@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
+from egress_auditor import host
 from egress_auditor.cgroups import CgroupResolver
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
 from egress_auditor.escape import terminal_text
@@ -191,6 +192,7 @@ class TraceRun:
                     file=self.stderr,
                 )
             self._open_lineage()
+            host.release_freed_heap()
             if self.command is not None:
                 self._stop_if_signalled()
                 self.command.start(unblock=set(STOP_SIGNALS))
