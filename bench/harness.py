@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -101,6 +102,8 @@ class ClientResult:
     failures: int
     errors: dict[str, int]
     flows: dict[tuple[str, int], int] = field(default_factory=dict)  # (address, port) -> connect() calls
+    p50_us: float = 0.0  # the latency load's connect() call, median and 99th percentile (microseconds)
+    p99_us: float = 0.0
 
 
 def run_client(
@@ -116,7 +119,8 @@ def run_client(
     kind: str = "client",
 ) -> ClientResult:
     """One client run; with flows_out, the per-flow counts are read back too.
-    kind: "client" (TCP connects), "udp-sendto" or "udp-connect" (one datagram per flow in turn)."""
+    kind: "client" (TCP connects), "latency" (the same, each connect() timed: needs a count),
+    "udp-sendto" or "udp-connect" (one datagram per flow in turn)."""
     argv = [str(loadgen), kind, str(addrs), str(PORT_BASE), str(ports), str(warmup), str(count)]
     argv.append(f"{seconds:g}")
     if flows_out is not None:
@@ -132,6 +136,8 @@ def run_client(
         cpu_seconds=data["cpu_seconds"],
         failures=data["failures"],
         errors=data["errors"],
+        p50_us=data.get("p50_us", 0.0),
+        p99_us=data.get("p99_us", 0.0),
     )
     if flows_out is not None:
         for line in flows_out.read_text().splitlines():
@@ -159,6 +165,20 @@ def status_mb(pid: int, key: str = "VmRSS") -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(key)
+
+
+def program_ids(pid: int) -> set[int]:
+    """The BPF programs a process holds, by the kernel's id (program and link fds both name theirs)."""
+    ids = set()
+    for fd in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = fd.read_text()
+        except OSError:  # closed meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                ids.add(int(line.split()[1]))
+    return ids
 
 
 def other_tracers(own: set[int]) -> int:
@@ -368,3 +388,12 @@ class Spread:
             "q3": round(self.q3, digits),
             "n": self.n,
         }
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 10_000, level: float = 0.95) -> tuple[float, float]:
+    """A percentile bootstrap interval of the median (seeded: a run's figure does not move on rereading)."""
+    rng = random.Random(0)
+    data = list(values)
+    medians = sorted(statistics.median(rng.choices(data, k=len(data))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * (resamples - 1))], medians[int((1 - tail) * (resamples - 1))]

@@ -11,6 +11,9 @@
  *       made untimed first, then COUNT connects (0: no limit) for at most
  *       SECONDS seconds (0: no limit). Prints one JSON object; FLOWS_OUT gets
  *       one line per flow: "address port attempts failures".
+ *   loadgen latency ...   (the client's arguments, with a COUNT)
+ *       the client, also timing each timed connect() call: adds its p50, p99
+ *       and maximum in microseconds to the JSON object.
  *   loadgen udp-sendto ... / loadgen udp-connect ...   (the client's arguments)
  *       one datagram per flow in turn instead of a connection: sendto() on
  *       one unconnected socket, or a new socket that connect()s, send()s and
@@ -165,25 +168,35 @@ struct flow_count {
     uint32_t failures;
 };
 
-enum client_kind { TCP_CONNECT, UDP_SENDTO, UDP_CONNECT };
+enum client_kind { TCP_CONNECT, TCP_LATENCY, UDP_SENDTO, UDP_CONNECT };
 
-/* One connect, or one datagram, to sin; 0 or an errno. */
-static int one_flow(enum client_kind kind, int udp_fd, const struct sockaddr_in *sin)
+static int by_value(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* One connect, or one datagram, to sin; 0 or an errno. With took, the connect() call's seconds. */
+static int one_flow(enum client_kind kind, int udp_fd, const struct sockaddr_in *sin, double *took)
 {
     static const struct linger abort_close = {.l_onoff = 1, .l_linger = 0};
     static const char byte = 'x';
     int err = 0;
     if (kind == UDP_SENDTO)
         return sendto(udp_fd, &byte, 1, 0, (const struct sockaddr *)sin, sizeof(*sin)) == 1 ? 0 : errno;
-    int fd = socket(AF_INET, (kind == TCP_CONNECT ? SOCK_STREAM : SOCK_DGRAM) | SOCK_CLOEXEC, 0);
+    int tcp = kind == TCP_CONNECT || kind == TCP_LATENCY;
+    int fd = socket(AF_INET, (tcp ? SOCK_STREAM : SOCK_DGRAM) | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         fprintf(stderr, "loadgen: socket: %s\n", strerror(errno));
         exit(1);
     }
-    if (kind == TCP_CONNECT)
+    if (tcp)
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
+    double began = took ? now_s() : 0;
     if (connect(fd, (const struct sockaddr *)sin, sizeof(*sin)) != 0)
         err = errno;
+    if (took)
+        *took = now_s() - began;
     else if (kind == UDP_CONNECT && send(fd, &byte, 1, 0) != 1)
         err = errno;
     close(fd);
@@ -193,7 +206,7 @@ static int one_flow(enum client_kind kind, int udp_fd, const struct sockaddr_in 
 static int run_client(int argc, char **argv, enum client_kind kind)
 {
     if (argc != 8 && argc != 9) {
-        fprintf(stderr, "usage: loadgen client|udp-sendto|udp-connect N_ADDRS PORT_BASE N_PORTS WARMUP COUNT SECONDS "
+        fprintf(stderr, "usage: loadgen client|latency|udp-sendto|udp-connect N_ADDRS PORT_BASE N_PORTS WARMUP COUNT SECONDS "
                         "[FLOWS_OUT]\n");
         return 2;
     }
@@ -212,8 +225,17 @@ static int run_client(int argc, char **argv, enum client_kind kind)
         fprintf(stderr, "loadgen: give a count or a duration: the client must stop by itself\n");
         return 2;
     }
+    if (kind == TCP_LATENCY && count == 0) {
+        fprintf(stderr, "loadgen: latency needs a count\n");
+        return 2;
+    }
     long n_flows = n_addrs * n_ports;
     struct flow_count *flows = calloc((size_t)n_flows, sizeof(*flows));
+    double *latency = kind == TCP_LATENCY ? calloc((size_t)count, sizeof(double)) : NULL;
+    if (kind == TCP_LATENCY && !latency) {
+        perror("calloc");
+        return 1;
+    }
     unsigned long errors[MAX_ERRNO] = {0};
     if (!flows) {
         perror("calloc");
@@ -250,7 +272,7 @@ static int run_client(int argc, char **argv, enum client_kind kind)
         sin.sin_addr.s_addr = htonl(bench_addr((uint32_t)(flow / n_ports)));
         sin.sin_port = htons((uint16_t)(base + flow % n_ports));
         flows[flow].attempts++;
-        int err = one_flow(kind, udp_fd, &sin);
+        int err = one_flow(kind, udp_fd, &sin, latency && !in_warmup ? &latency[timed] : NULL);
         if (err) {
             flows[flow].failures++;
             failures++;
@@ -290,7 +312,15 @@ static int run_client(int argc, char **argv, enum client_kind kind)
             first = 0;
         }
     }
-    printf("}}\n");
+    printf("}");
+    if (latency) {
+        qsort(latency, (size_t)timed, sizeof(double), by_value);
+        double p50 = timed ? latency[timed / 2] : 0, p99 = timed ? latency[(timed * 99) / 100] : 0;
+        double top = timed ? latency[timed - 1] : 0;
+        printf(", \"p50_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f", p50 * 1e6, p99 * 1e6, top * 1e6);
+        free(latency);
+    }
+    printf("}\n");
     if (udp_fd >= 0)
         close(udp_fd);
     free(flows);
@@ -305,10 +335,12 @@ int main(int argc, char **argv)
         return run_server(argc, argv, 1);
     if (argc >= 2 && strcmp(argv[1], "client") == 0)
         return run_client(argc, argv, TCP_CONNECT);
+    if (argc >= 2 && strcmp(argv[1], "latency") == 0)
+        return run_client(argc, argv, TCP_LATENCY);
     if (argc >= 2 && strcmp(argv[1], "udp-sendto") == 0)
         return run_client(argc, argv, UDP_SENDTO);
     if (argc >= 2 && strcmp(argv[1], "udp-connect") == 0)
         return run_client(argc, argv, UDP_CONNECT);
-    fprintf(stderr, "usage: loadgen server|udp-server|client|udp-sendto|udp-connect ...\n");
+    fprintf(stderr, "usage: loadgen server|udp-server|client|latency|udp-sendto|udp-connect ...\n");
     return 2;
 }

@@ -5,16 +5,19 @@ bench/results.json and docs/benchmarks.md (the quick mode writes under bench/bui
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +35,14 @@ from bench.harness import (
     Spread,
     Stopped,
     Tracer,
+    bootstrap_ci,
+    bpf_programs,
+    bpf_stats,
     build_loadgen,
     cpu_seconds,
     namespace,
     other_tracers,
+    program_ids,
     programs_on_cgroup_root,
     rule_counts,
     run_client,
@@ -46,6 +53,7 @@ from bench.harness import (
 )
 
 AUDITOR_RUNNING = "egress-auditor is running"
+BCC_FLOOR_RUNNING = "bcc floor is running"  # bench/bcc_floor.py
 PER_EVENT_RUNNING = "per-event reference is running"
 SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
 NETFILTER_INPUTS = ("nflog", "nfqueue")
@@ -71,11 +79,15 @@ class Config:
     rss_max_flows: int
     catch_up_s: float  # longest wait for the auditor to announce every flow
     conntrack_wait_s: float  # longest wait for the namespace's conntrack table to empty before a netfilter round
+    cost_rounds: int  # timed loads while the kernel times our programs and the empty one
+    cost_seconds: float
+    startup_rounds: int  # starts of the auditor and of the BCC floor, alternating
+    latency_connects: int  # timed connect() calls per round of the nfqueue ratio, with and without
 
 
 FULL = Config(
     "full",
-    rounds=31,  # the median of 11 pairs moved by 2-3% between runs here, and rounds by ±15% some hours
+    rounds=21,  # throughput is reported, not a goal: CPU time and run time per call resolve the cost
     other_rounds=5,
     round_seconds=3.0,
     addrs=100,
@@ -85,6 +97,10 @@ FULL = Config(
     rss_max_flows=131072,
     catch_up_s=240.0,
     conntrack_wait_s=15.0,
+    cost_rounds=9,
+    cost_seconds=2.0,
+    startup_rounds=11,
+    latency_connects=2000,
 )
 QUICK = Config(
     "quick",
@@ -98,6 +114,10 @@ QUICK = Config(
     rss_max_flows=4096,
     catch_up_s=30.0,
     conntrack_wait_s=0.0,
+    cost_rounds=1,
+    cost_seconds=0.3,
+    startup_rounds=1,
+    latency_connects=100,
 )
 
 
@@ -111,6 +131,7 @@ class Context:
     log: Callable[[str], None]
     startups: list[float]
     rss_ready: list[float]
+    anon_ready: list[float]
     attach: str = "unknown"
 
     def auditor_tracer(self, label: str, *extra: str) -> Tracer:
@@ -126,12 +147,17 @@ class Context:
         """Record the figures every auditor start gives: start-up time, ready RSS, attach path."""
         self.startups.append(tracer.startup_s)
         self.rss_ready.append(status_mb(tracer.pid))
+        self.anon_ready.append(status_mb(tracer.pid, "RssAnon"))
         for line in tracer.lines:
             if "input attached:" in line:
                 self.attach = line.split("input attached:", 1)[1].strip()
 
 
 def auditor_command() -> list[str]:
+    """This environment's auditor (beside its interpreter): another one first on PATH is another build."""
+    beside = Path(sys.executable).parent / "egress-auditor"
+    if beside.exists():
+        return [str(beside)]
     found = shutil.which("egress-auditor")
     return [found] if found else [sys.executable, "-m", "egress_auditor"]
 
@@ -152,19 +178,34 @@ def ratio(
     conntrack: bool = False,
     rounds: int | None = None,
     kind: str = "client",
+    latency: int = 0,
 ) -> dict[str, Any]:
     """Alternating rounds (ABBA) with and without a tracer; per pair, traced rate / untraced rate.
     `auditor`: the tracer is egress-auditor (it announces flows and reports lost events on stderr);
     `ebpf`: its start-up time and memory count in those figures;
     `conntrack`: its rules track connections, so each traced round starts from an empty table;
-    `kind`: the load (TCP connects, or a UDP datagram per flow: see bench/loadgen.c)."""
+    `kind`: the load (TCP connects, or a UDP datagram per flow: see bench/loadgen.c);
+    `latency`: after each round's timed part, this many connect() calls timed one by one.
+    Each timed part also gives the client's own CPU time per connect (rusage), per state."""
     cfg = ctx.cfg
     flows = cfg.addrs * cfg.ports
     rates: dict[bool, list[float]] = {False: [], True: []}
+    cpu_ns: dict[bool, list[float]] = {False: [], True: []}  # the client's CPU per timed connect
+    p50_us: dict[bool, list[float]] = {False: [], True: []}
+    p99_us: dict[bool, list[float]] = {False: [], True: []}
     lost = 0
     crowded = 0  # rounds during which another process held BPF programs
     tracked: list[int] = []  # conntrack entries in the namespace after each traced round
     announced: list[int] = []  # flows the auditor announced after the untimed pass, per traced round
+
+    def timed(traced: bool) -> float:
+        load = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds, kind=kind)
+        cpu_ns[traced].append(load.cpu_seconds / max(load.timed_connects, 1) * 1e9)
+        if latency:
+            timing = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=latency, kind="latency")
+            p50_us[traced].append(timing.p50_us)
+            p99_us[traced].append(timing.p99_us)
+        return load.rate
 
     def one_round(traced: bool, index: int) -> float:
         nonlocal lost, crowded
@@ -175,7 +216,7 @@ def ratio(
                 # to wake here, so the untraced timed part starts from the same idle.
                 time.sleep(SYNC_MARGIN_S)
             crowded += other_tracers(set()) > 0 or programs_on_cgroup_root() > 0
-            return run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds, kind=kind).rate
+            return timed(False)
         if conntrack:
             wait_for_empty_conntrack(ctx.ns, cfg.conntrack_wait_s)
         tracer = make_tracer(index)
@@ -189,7 +230,7 @@ def ratio(
                 # The first sync once the flows are known gives them count line slots: then it is steady.
                 time.sleep(SYNC_MARGIN_S)
             crowded += other_tracers({tracer.pid}) > 0
-            rate = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.round_seconds, kind=kind).rate
+            rate = timed(True)
             if conntrack:
                 tracked.append(conntrack_count(ctx.ns))
             stopped = tracer.stop()
@@ -203,16 +244,19 @@ def ratio(
 
     pair_ratios = []
     rounds = rounds or cfg.rounds
+    cpu_overheads = []
     for index in range(rounds):
         order = (False, True) if index % 2 == 0 else (True, False)
         pair = {traced: one_round(traced, index) for traced in order}
         rates[False].append(pair[False])
         rates[True].append(pair[True])
         pair_ratios.append(pair[True] / pair[False])
+        cpu_overheads.append(cpu_ns[True][-1] / cpu_ns[False][-1] - 1)
         ctx.log(
             f"  round {index + 1}/{rounds}: {pair[False]:,.0f}/s untraced, {pair[True]:,.0f}/s traced, "
-            f"ratio {pair_ratios[-1]:.3f}"
+            f"ratio {pair_ratios[-1]:.3f}, client CPU {cpu_overheads[-1]:+.1%}"
         )
+    ci_low, ci_high = bootstrap_ci(cpu_overheads)
     return {
         **Spread.of(pair_ratios).as_dict(),
         "rate_off_median": round(statistics.median(rates[False]), 1),
@@ -220,6 +264,29 @@ def ratio(
         "rates_off": [round(r, 1) for r in rates[False]],
         "rates_on": [round(r, 1) for r in rates[True]],
         "round_seconds": cfg.round_seconds,
+        "client_cpu_ns_off_median": round(statistics.median(cpu_ns[False]), 1),
+        "client_cpu_ns_on_median": round(statistics.median(cpu_ns[True]), 1),
+        "client_cpu_overhead": {
+            **Spread.of(cpu_overheads).as_dict(),
+            "ci95_low": round(ci_low, 4),
+            "ci95_high": round(ci_high, 4),
+            "pairs": [round(v, 4) for v in cpu_overheads],
+        },
+        **(
+            {
+                "connect_latency_us": {
+                    state: {
+                        "p50_median": round(statistics.median(p50_us[traced]), 1),
+                        "p99_median": round(statistics.median(p99_us[traced]), 1),
+                        "p99_rounds": p99_us[traced],
+                    }
+                    for state, traced in (("untraced", False), ("traced", True))
+                },
+                "latency_connects": latency,
+            }
+            if latency
+            else {}
+        ),
         "flows": flows,
         "addresses": cfg.addrs,
         "ports": cfg.ports,
@@ -287,10 +354,12 @@ def memory(ctx: Context) -> dict[str, Any]:
     with running(tracer):
         ctx.started(tracer)
         rss_ready = status_mb(tracer.pid)
+        anon_ready = status_mb(tracer.pid, "RssAnon")
         run_client(ctx.ns, ctx.loadgen, cfg.rss_addrs, cfg.ports, count=flows)
         seen = wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
         time.sleep(SYNC_MARGIN_S)
         rss_after = status_mb(tracer.pid)
+        anon_after = status_mb(tracer.pid, "RssAnon")
         hwm = status_mb(tracer.pid, "VmHWM")
         stopped = tracer.stop()
     return {
@@ -301,7 +370,130 @@ def memory(ctx: Context) -> dict[str, Any]:
         "rss_after_mb": round(rss_after, 1),
         "hwm_mb": round(hwm, 1),
         "growth_mb": round(rss_after - rss_ready, 1),
+        "anon_ready_mb": round(anon_ready, 1),
+        "anon_after_mb": round(anon_after, 1),
         "events_lost": events_lost(stopped),
+    }
+
+
+EMPTY_CONNECT4 = b"int floor_connect4(struct bpf_sock_addr *ctx) { return 1; }"
+# The process lineage's programs (bpf/process.bpf.c) run on fork, exec and exit, not on a connect.
+LINEAGE_PROGRAMS = ("tracepoint__sched__", "tracepoint__task__", "tracepoint__syscalls__sys_enter_exec")
+
+
+@contextmanager
+def empty_connect4() -> Iterator[int]:
+    """An empty program on the connect4 hook at the cgroup v2 root, beside the auditor's; yields its id."""
+    from bcc import BPF, BPFAttachType
+
+    from bench.connect_variants import prog_id
+    from egress_auditor import host
+
+    root = host.cgroup2_root()
+    if root is None:
+        raise SystemExit("bench: no cgroup v2 mount")
+    kind = BPFAttachType.CGROUP_INET4_CONNECT
+    bpf = BPF(text=EMPTY_CONNECT4)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fn = bpf.load_func(b"floor_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=kind)
+        BPF.attach_func(fn, fd, kind, 2)  # BPF_F_ALLOW_MULTI: beside the auditor's link
+        try:
+            yield prog_id(fn.fd)
+        finally:
+            BPF.detach_func(fn, fd, kind)
+    finally:
+        os.close(fd)
+        bpf.cleanup()
+
+
+def spent(before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]], prog: int) -> tuple[int, int]:
+    """(run time ns, runs) of a program between two bpf_programs() snapshots."""
+    old, new = before.get(prog, {}), after.get(prog, {})
+    return new.get("run_time_ns", 0) - old.get("run_time_ns", 0), new.get("run_cnt", 0) - old.get("run_cnt", 0)
+
+
+def program_cost(ctx: Context) -> dict[str, Any]:
+    """The kernel's run time of the auditor's programs per connect, beside an empty program on
+    the connect4 hook run by the same connects (kernel.bpf_stats_enabled on for each timed load)."""
+    cfg = ctx.cfg
+    flows = cfg.addrs * cfg.ports
+    tracer = ctx.auditor_tracer("cost")
+    ours_ns: list[float] = []
+    floor_ns: list[float] = []
+    per_program: dict[str, list[float]] = {}
+    with running(tracer), empty_connect4() as floor_id:
+        ours = program_ids(tracer.pid)
+        run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, count=flows)
+        wait_for_flows(tracer, set(), flows, cfg.catch_up_s)
+        time.sleep(SYNC_MARGIN_S)  # the steady state: known flows count in their count lines
+        for index in range(cfg.cost_rounds):
+            with bpf_stats():
+                before = bpf_programs()
+                load = run_client(ctx.ns, ctx.loadgen, cfg.addrs, cfg.ports, seconds=cfg.cost_seconds)
+                after = bpf_programs()
+
+            # Every IPv4 connect on the host runs the empty program once, other processes' too: its runs are
+            # the connects our programs ran for.
+            floor_total, floor_runs = spent(before, after, floor_id)
+            connects = max(floor_runs, 1)
+            total = 0
+            for pid in sorted(ours & set(after)):
+                ns, runs = spent(before, after, pid)
+                name = after[pid].get("name", "?")
+                if not runs or name.startswith(LINEAGE_PROGRAMS):
+                    continue
+                total += ns
+                per_program.setdefault(f"{name} ({after[pid]['type']})", []).append(ns / connects)
+            ours_ns.append(total / connects)
+            floor_ns.append(floor_total / max(floor_runs, 1))
+            ctx.log(
+                f"  round {index + 1}/{cfg.cost_rounds}: ours {ours_ns[-1]:.0f} ns per connect, "
+                f"empty program {floor_ns[-1]:.0f} ns per run ({floor_runs:,} runs, {load.timed_connects:,} connects)"
+            )
+        tracer.stop()
+    return {
+        "ours_ns_per_connect": Spread.of(ours_ns).as_dict(1),
+        "floor_ns_per_run": Spread.of(floor_ns).as_dict(1),
+        "ratios": [round(o / f, 3) for o, f in zip(ours_ns, floor_ns, strict=True) if f > 0],
+        "programs_ns_per_connect": {name: round(statistics.median(v), 1) for name, v in per_program.items()},
+        "seconds_per_round": cfg.cost_seconds,
+    }
+
+
+def startup(ctx: Context) -> dict[str, Any]:
+    """Start-up and private memory of the auditor beside BCC's floor (bench/bcc_floor.py), alternating."""
+    cfg = ctx.cfg
+    floor_argv = [sys.executable, str(BENCH_DIR / "bcc_floor.py")]
+    times: dict[str, list[float]] = {"auditor": [], "floor": []}
+    anon: dict[str, list[float]] = {"auditor": [], "floor": [], "floor_untrimmed": []}
+    for index in range(cfg.startup_rounds):
+        order = ("floor", "auditor") if index % 2 == 0 else ("auditor", "floor")
+        for who in order:
+            if who == "auditor":
+                tracer = ctx.auditor_tracer(f"startup-{index}")
+            else:
+                tracer = Tracer(floor_argv, BCC_FLOOR_RUNNING, ctx.workdir, f"bcc-floor-{index}")
+            with running(tracer):
+                if who == "auditor":
+                    ctx.started(tracer)
+                times[who].append(tracer.startup_s)
+                time.sleep(SYNC_MARGIN_S)  # a running process: the auditor has synced once
+                anon[who].append(status_mb(tracer.pid, "RssAnon"))
+                stopped = tracer.stop()
+            if who == "floor":
+                match = re.search(r"untrimmed RssAnon ([\d.]+)", stopped.stderr)
+                anon["floor_untrimmed"].append(float(match.group(1)) if match else 0.0)
+        ctx.log(
+            f"  round {index + 1}/{cfg.startup_rounds}: auditor {times['auditor'][-1]:.2f} s, "
+            f"{anon['auditor'][-1]:.1f} MiB anon; floor {times['floor'][-1]:.2f} s, {anon['floor'][-1]:.1f} MiB anon"
+        )
+    return {
+        "auditor_seconds": Spread.of(times["auditor"]).as_dict(3),
+        "floor_seconds": Spread.of(times["floor"]).as_dict(3),
+        "auditor_anon_mb": Spread.of(anon["auditor"]).as_dict(1),
+        "floor_anon_mb": Spread.of(anon["floor"]).as_dict(1),
+        "floor_anon_mb_untrimmed": Spread.of(anon["floor_untrimmed"]).as_dict(1),
     }
 
 
@@ -337,17 +529,25 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise SystemExit("bench/run.py needs root (BPF programs, network namespaces): sudo make bench")
     began = time.monotonic()
+    load_start = os.getloadavg()[0]
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     workdir = BUILD_DIR / f"run-{cfg.mode}"
     workdir.mkdir(parents=True, exist_ok=True)
     loadgen = build_loadgen()
+    # Byte-compiled as an install leaves it: otherwise (an editable install, PYTHONDONTWRITEBYTECODE)
+    # every start of the auditor would compile its own modules again.
+    compileall.compile_dir(ROOT / "egress_auditor", quiet=1)
     per_event = [sys.executable, str(BENCH_DIR / "per_event.py")]
     with (
         namespace() as ns,
         server(ns, loadgen, cfg.ports, lifetime_s=3600),
         server(ns, loadgen, cfg.ports, lifetime_s=3600, udp=True),
     ):
-        ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [])
+        ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [], [])
+        log(f"per-connect run time: the auditor's programs and an empty connect4 program ({cfg.cost_rounds} rounds)")
+        cost = program_cost(ctx)
+        log(f"start-up and private memory beside BCC's floor ({cfg.startup_rounds} rounds)")
+        starts = startup(ctx)
         log(f"connect ratio, auditor ({cfg.rounds} rounds each)")
         ebpf = ratio(ctx, lambda i: ctx.auditor_tracer(f"ratio-{i}"), auditor=True, ebpf=True)
         breakdown = {}
@@ -385,6 +585,7 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 auditor=True,
                 conntrack=True,
                 rounds=cfg.other_rounds,
+                latency=cfg.latency_connects if name == "nfqueue" else 0,
             )
         conntrack_max = int(
             subprocess.run(
@@ -396,25 +597,52 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         flows = flow_check(ctx)
         log(f"memory: {cfg.rss_addrs * cfg.ports:,} flows")
         rss = memory(ctx)
-    startup = Spread.of(ctx.startups)
     ready = Spread.of(ctx.rss_ready)
     cpu_per_million = flows["cpu_s"] / (flows["connects"] / 1e6)
+    nfqueue_latency = netfilter["nfqueue"]["connect_latency_us"]
     return {
         "mode": cfg.mode,
         "started": started,
         "duration_s": round(time.monotonic() - began, 1),
+        "load_average": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "machine": machine(ctx.attach),
+        "connect_prog_ns": cost["ours_ns_per_connect"]["median"],
+        "connect_prog_floor_ns": cost["floor_ns_per_run"]["median"],
+        "client_cpu_overhead_ci_high": ebpf["client_cpu_overhead"]["ci95_high"],
         "connect_ratio_ebpf": ebpf["median"],
         "connect_ratio_per_event_reference": reference["median"],
         "flows_expected": flows["expected"],
         "flows_lost": flows["lost"],
         "userspace_cpu_s_per_million": round(cpu_per_million, 3),
-        "startup_seconds": round(startup.median, 3),
+        "startup_seconds": starts["auditor_seconds"]["median"],
+        "startup_bcc_floor_seconds": starts["floor_seconds"]["median"],
+        "rss_anon_mb_ready": starts["auditor_anon_mb"]["median"],
+        "rss_anon_mb_bcc_floor": starts["floor_anon_mb"]["median"],
         "rss_mb_ready": round(ready.median, 1),
         "rss_mb_100k_flows": rss["growth_mb"],
         **{f"connect_ratio_{name}": figures["median"] for name, figures in netfilter.items()},
+        "nfqueue_connect_p99_ms": round(nfqueue_latency["traced"]["p99_median"] / 1000, 3),
+        "nfqueue_connect_p99_ms_untraced": round(nfqueue_latency["untraced"]["p99_median"] / 1000, 3),
         "connect_ratio_ebpf_udp": udp["udp-sendto"]["median"],
         "details": {
+            "connect_prog_ns": {
+                **cost["ours_ns_per_connect"],
+                "programs": cost["programs_ns_per_connect"],
+                "ratios_to_floor": cost["ratios"],
+                "seconds_per_round": cost["seconds_per_round"],
+            },
+            "connect_prog_floor_ns": cost["floor_ns_per_run"],
+            "client_cpu_overhead_ci_high": {
+                **ebpf["client_cpu_overhead"],
+                "client_cpu_ns_off_median": ebpf["client_cpu_ns_off_median"],
+                "client_cpu_ns_on_median": ebpf["client_cpu_ns_on_median"],
+            },
+            "startup_seconds": starts["auditor_seconds"],
+            "startup_bcc_floor_seconds": starts["floor_seconds"],
+            "rss_anon_mb_ready": starts["auditor_anon_mb"],
+            "rss_anon_mb_bcc_floor": {**starts["floor_anon_mb"], "untrimmed": starts["floor_anon_mb_untrimmed"]},
+            "startup_all_starts": Spread.of(ctx.startups).as_dict(3),
+            "rss_anon_mb_all_starts": Spread.of(ctx.anon_ready).as_dict(1),
             "connect_ratio_ebpf": ebpf,
             "connect_ratio_per_event_reference": reference,
             **{f"connect_ratio_ebpf_{key}": figures for key, figures in breakdown.items()},
@@ -422,7 +650,6 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             "connect_ratio_ebpf_udp_connect": udp["udp-connect"],
             "conntrack_max": conntrack_max,
             "flows": flows,
-            "startup_seconds": startup.as_dict(3),
             "rss_mb_ready": ready.as_dict(1),
             "rss_mb_100k_flows": rss,
             **{f"connect_ratio_{name}": figures for name, figures in netfilter.items()},

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import psutil
 
+from egress_auditor import host
 from egress_auditor.capture import Capture, merge_flows
 from egress_auditor.cgroups import CgroupResolver
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
@@ -242,6 +243,7 @@ class TraceRun:
                     file=self.stderr,
                 )
             self._open_lineage()
+            host.release_freed_heap()
             if self.command is not None:
                 self._stop_if_signalled()
                 self.command.start(unblock=set(STOP_SIGNALS))

@@ -25,6 +25,7 @@ def test_quick_run_writes_every_key_with_a_sane_value(tmp_path: Path) -> None:
     report = bench_module("bench.report")
     json_path, md_path = tmp_path / "results.json", tmp_path / "benchmarks.md"
     md_path.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept as it was\n<!-- other:end -->\n")
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
 
     run.main(["--quick", "--json", str(json_path), "--markdown", str(md_path)])
 
@@ -44,6 +45,25 @@ def test_quick_run_writes_every_key_with_a_sane_value(tmp_path: Path) -> None:
     assert abs(results["rss_mb_100k_flows"]) < 1024
     assert results["details"]["rss_mb_100k_flows"]["flows_seen"] == cfg.rss_addrs * cfg.ports
     assert results["machine"]["cores"] >= 1 and results["machine"]["kernel"]
+    # The kernel timed our programs and the empty one on the same connects: ours do more than nothing.
+    cost = results["details"]["connect_prog_ns"]
+    assert 0 < results["connect_prog_floor_ns"] < results["connect_prog_ns"], cost
+    assert any(name.startswith("connect4") for name in cost["programs"]), cost["programs"]
+    cpu = results["details"]["client_cpu_overhead_ci_high"]
+    assert cpu["ci95_low"] <= cpu["median"] <= cpu["ci95_high"] == results["client_cpu_overhead_ci_high"]
+    assert cpu["client_cpu_ns_off_median"] > 0 and cpu["client_cpu_ns_on_median"] > 0
+    assert 0 < results["startup_bcc_floor_seconds"] < 60
+    assert results["details"]["startup_seconds"]["n"] == results["details"]["startup_bcc_floor_seconds"]["n"]
+    # The floor returns its freed heap; whatever the auditor holds, both are read from /proc.
+    floor = results["details"]["rss_anon_mb_bcc_floor"]
+    assert 1 < results["rss_anon_mb_bcc_floor"] <= floor["untrimmed"]["median"]
+    assert 1 < results["rss_anon_mb_ready"] < results["rss_mb_ready"]
+    latency = results["details"]["connect_ratio_nfqueue"]["connect_latency_us"]
+    for state in ("traced", "untraced"):
+        assert 0 < latency[state]["p50_median"] <= latency[state]["p99_median"], latency
+    assert results["nfqueue_connect_p99_ms"] == round(latency["traced"]["p99_median"] / 1000, 3)
+    assert results["nfqueue_connect_p99_ms_untraced"] > 0
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before, "the counters left as found"
     # Every traced round of each eBPF load saw every flow before its timed part, UDP ones included.
     for key in ("connect_ratio_ebpf", "connect_ratio_ebpf_udp", "connect_ratio_ebpf_udp_connect"):
         assert results["details"][key]["flows_announced_min"] == cfg.addrs * cfg.ports, key
@@ -66,7 +86,8 @@ def test_program_cost_names_each_program_and_writes_its_section(tmp_path: Path) 
     # Every connect runs the connect hook once; every packet delivered runs the ingress program (DNS).
     assert {"connect4", "ingress"} <= names, names
     hook = next(row for row in data["programs"] if row["name"] == "connect4")
-    assert abs(hook["runs"] / data["connects"] - 1) < 0.05
+    # Once per connect of the load; other processes' connects on the host (tests beside it) run it too.
+    assert 1 <= hook["runs"] / data["connects"] < 1.5
     assert all(ns > 0 for ns in data["connect_hook_ns"].values())
     assert set(data["empty_hooks"]) == {"cgroup_skb ingress", "cgroup_skb egress", "connect4"}
     text = md_path.read_text()
