@@ -13,8 +13,10 @@ version's). libbpf, which BCC depends on, parses it in about 10 ms.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 TASK_COMM_LEN = 16  # the flow key's name: what bpf_get_current_comm copies
@@ -132,19 +134,27 @@ def _libbpf() -> ctypes.CDLL | None:
     return lib
 
 
+@contextlib.contextmanager
+def _kernel_btf() -> Iterator[_Btf | None]:
+    """The running kernel's BTF through libbpf, closed after use; None where either is missing."""
+    lib = _libbpf()
+    try:
+        btf = _Btf(lib) if lib is not None else None
+    except OSError:
+        btf = None
+    try:
+        yield btf
+    finally:
+        if btf is not None:
+            btf.close()
+
+
 def function_btf_ids(names: tuple[str, ...]) -> list[int] | None:
     """The BTF type ids of kernel functions (0 or less: not found); None without kernel BTF."""
-    lib = _libbpf()
-    if lib is None:
-        return None
-    try:
-        btf = _Btf(lib)
-    except OSError:
-        return None
-    try:
-        return [int(lib.btf__find_by_name_kind(btf.handle, name.encode(), KIND_FUNC)) for name in names]
-    finally:
-        btf.close()
+    with _kernel_btf() as btf:
+        if btf is None:
+            return None
+        return [int(btf.lib.btf__find_by_name_kind(btf.handle, name.encode(), KIND_FUNC)) for name in names]
 
 
 @functools.cache
@@ -152,19 +162,13 @@ def task_fields() -> TaskFields | None:
     """The offsets, checked to be what the programs read (a 16-byte char array at an 8-byte offset, a
     pointer to struct cred, two 4-byte ids); None where the kernel has no BTF, no
     bpf_get_current_task_btf helper (5.11+), or they are not so."""
-    lib = _libbpf()
-    if lib is None:
-        return None
-    try:
-        btf = _Btf(lib)
-    except OSError:
-        return None
-    try:
-        return _task_fields(btf)
-    except LookupError:
-        return None
-    finally:
-        btf.close()
+    with _kernel_btf() as btf:
+        if btf is None:
+            return None
+        try:
+            return _task_fields(btf)
+        except LookupError:
+            return None
 
 
 def _task_fields(btf: _Btf) -> TaskFields | None:
