@@ -31,7 +31,15 @@ def _readable_by_all(top: Path) -> None:
 @contextmanager
 def nobody_cli() -> Iterator[list[str]]:
     """The argv that runs `egress-auditor` as nobody, from a copy nobody can read."""
-    base = Path(tempfile.mkdtemp(prefix="ea-nobody-"))
+    with copied_cli() as argv:
+        yield [*AS_NOBODY, *argv]
+
+
+@contextmanager
+def copied_cli(parent: Path | None = None) -> Iterator[list[str]]:
+    """The argv that runs `egress-auditor` from a copy readable by all, in a new directory under
+    parent (the temp directory by default): also where a sandbox hides the checkout (/tmp, /root)."""
+    base = Path(tempfile.mkdtemp(prefix="ea-copy-", dir=parent))
     try:
         src = base / "src"
         for part in ("egress_auditor", "bpf"):
@@ -42,6 +50,6 @@ def nobody_cli() -> Iterator[list[str]]:
             shutil.copytree(sys.prefix, venv, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
             python = venv / python.relative_to(sys.prefix)
         _readable_by_all(base)
-        yield [*AS_NOBODY, "env", "-C", "/", f"PYTHONPATH={src}", str(python), "-m", "egress_auditor"]
+        yield ["env", "-C", "/", f"PYTHONPATH={src}", str(python), "-m", "egress_auditor"]
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -60,6 +60,7 @@ def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
 
 # What the live header calls each path: the detail is in the attach line, doctor and the rules' header.
 SHORT_PATHS = {
+    "fentry": "fentry",
     "kprobe": "kprobes",
     "cgroup": "cgroup hooks",
     "tracepoint": "tracepoint",

@@ -13,6 +13,8 @@ from egress_auditor.trace import TraceRun
 class Screen:
     """Stands in for the rich live table: keeps what it was asked to show."""
 
+    name = "screen"
+
     def __init__(self) -> None:
         self.shown: list[dict[str, str]] = []
 
@@ -20,6 +22,9 @@ class Screen:
         self.shown.append(status)
 
     def connection(self, *_args: Any) -> None:
+        pass
+
+    def drift(self, *_args: Any) -> None:
         pass
 
     def refresh(self, status: dict[str, str]) -> None:

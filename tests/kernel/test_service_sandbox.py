@@ -16,7 +16,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +23,10 @@ from pathlib import Path
 import pytest
 from netns import Namespace
 from service_unit import as_root_service, unit_capabilities
+from unprivileged import copied_cli
 
 ENV_FILE = Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "egress-auditor.env"
 
-EGRESS_AUDITOR = str(Path(sys.executable).with_name("egress-auditor"))
 PYTHON = "/usr/bin/python3"
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 STARTUP_S = 90.0
@@ -73,6 +72,14 @@ def sandboxed(state: Path) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", SANDBOX, "sandbox", str(state)]
 
 
+@pytest.fixture(scope="module")
+def service_cli() -> Iterator[list[str]]:
+    """The tool copied under /var/lib, as installed under /opt: the sandbox hides /tmp, /home and
+    /root, where a checkout may lie."""
+    with copied_cli(Path("/var/lib")) as argv:
+        yield argv
+
+
 @pytest.fixture
 def state() -> Iterator[Path]:
     # Under /var/lib, as the unit's: /tmp is replaced in the sandbox.
@@ -83,13 +90,13 @@ def state() -> Iterator[Path]:
 
 
 def test_a_trace_in_the_units_sandbox_records_and_writes_its_state_only(
-    client_ns: Namespace, state: Path, tmp_path: Path
+    client_ns: Namespace, state: Path, tmp_path: Path, service_cli: list[str]
 ) -> None:
     port = random.randrange(20000, 60000)
     err_path = tmp_path / "stderr"
     outputs = service_options(state)
     assert "--resume" in outputs and "--snapshot-every" in outputs  # the service's own options, as installed
-    proc = start_service(client_ns, state, outputs, err_path)
+    proc = start_service(service_cli, client_ns, state, outputs, err_path)
     try:
         seen = False
         for attempt in range(5):  # the host may be busy with other tests: a lost event is retried
@@ -121,7 +128,7 @@ def test_a_trace_in_the_units_sandbox_records_and_writes_its_state_only(
 
     # A restart resumes the capture: its rules still allow what the first run saw.
     again = tmp_path / "stderr-again"
-    proc = start_service(client_ns, state, outputs, again)
+    proc = start_service(service_cli, client_ns, state, outputs, again)
     try:
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=60)
@@ -133,13 +140,15 @@ def test_a_trace_in_the_units_sandbox_records_and_writes_its_state_only(
     assert kinds.count("summary") == 2, kinds
 
 
-def start_service(client_ns: Namespace, state: Path, options: list[str], err_path: Path) -> subprocess.Popen:
+def start_service(
+    cli: list[str], client_ns: Namespace, state: Path, options: list[str], err_path: Path
+) -> subprocess.Popen:
     """The trace as the unit runs it (sandbox, capabilities, options), once it says it is running."""
     proc = subprocess.Popen(
         [
             *["nsenter", f"--net=/run/netns/{client_ns.name}", *sandboxed(state)],
             *as_root_service(unit_capabilities()),
-            *[EGRESS_AUDITOR, "trace", "--no-live", "-I", "ebpf:max_flows:524288", *options],
+            *[*cli, "trace", "--no-live", "-I", "ebpf:max_flows:524288", *options],
         ],
         stdout=subprocess.PIPE,
         stderr=err_path.open("w"),

@@ -10,7 +10,7 @@ import pytest
 
 from egress_auditor import host
 from egress_auditor.errors import AuditorError
-from egress_auditor.inputs.ebpf import plan_attach
+from egress_auditor.inputs.ebpf import SHORT_PATHS, TCP_HOOKS, AttachPlan, plan_attach
 
 
 def offer(monkeypatch: pytest.MonkeyPatch, *, cgroup: bool, fentry: bool, kprobes: bool, ringbuf: bool = True) -> None:
@@ -56,3 +56,11 @@ def test_asking_for_fentry_where_refused_names_the_kernels_reason(monkeypatch: p
         plan_attach("fentry", "auto")
     offer(monkeypatch, cgroup=True, fentry=True, kprobes=False)
     assert plan_attach("fentry", "auto").path == "fentry"
+
+
+@pytest.mark.parametrize("path", sorted(TCP_HOOKS))
+@pytest.mark.parametrize("udp", ["cgroup", "syscalls", "off"])
+def test_every_plan_has_a_short_name_and_a_description(path: str, udp: str) -> None:
+    plan = AttachPlan(path, "ringbuf", "asked for", udp=udp, dns=True, cgroup_root="/sys/fs/cgroup")
+    assert plan.short().startswith(SHORT_PATHS[path]) and plan.short().endswith(" + DNS")
+    assert plan.describe().startswith(TCP_HOOKS[path])
