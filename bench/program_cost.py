@@ -114,7 +114,7 @@ def markdown(data: dict[str, Any]) -> str:
         "## Where the eBPF input's cost goes (bench/program_cost.py)",
         "",
         f"`sudo .venv/bin/python bench/program_cost.py`. The load of `bench/run.py` ({connects:,} connects in 3 s "
-        "over 10,000 flows) with `trace -i ebpf -I ebpf:dns:on` (the defaults, and DNS names); each program's "
+        "over 10,000 flows) with `trace -i ebpf` (the defaults, DNS names included); each program's "
         "runs and run time from the kernel's counters (`kernel.bpf_stats_enabled`, which adds a clock read, "
         "some 40 ns, to every run).",
         "",

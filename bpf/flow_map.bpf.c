@@ -8,7 +8,7 @@
 
 /* The little used from <uapi/linux/in.h> and <linux/socket.h>, as their uapi
  * defines it: those headers pull in much of the kernel's and cost about 0.3 s
- * of compiling at every start (issue 7: start-up within 1.5 s). */
+ * of compiling at every start. */
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 struct sockaddr;
@@ -40,7 +40,7 @@ BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
 #ifdef EA_COUNT_LINES
 /* A flow map lookup touches three or four cache lines (bucket, element) that,
  * with thousands of flows in turn, have left the CPU's caches; a repeat
- * counted in its count line touches one (docs/architecture.md, design log).
+ * counted in its count line touches one (docs/decisions/count-lines.md).
  * Mapped into user space, which claims slots: EA_COUNT_LINES is a power of two. */
 BPF_F_TABLE("array", u32, struct ea_count_line, count_lines, EA_COUNT_LINES, BPF_F_MMAPABLE);
 #endif

@@ -714,8 +714,9 @@ def count_lines(option: str | int, max_flows: int, buffer: str) -> int:
     """Count lines to build: 0 for none. auto: one per two flows the map holds, the flows rounded up
     to a power of two (a slot per flow, 2 MB at the default 65,536). The array's size is what a
     repeat pays for when many flows come in turn: 4 MB cost a 10,000-flow load up to 85 ns more
-    per connect than 1-2 MB here (design log). A flow whose line is full is counted in the map, as
-    exactly. They need mmap-able arrays (5.5), which every kernel with the ring buffer (5.8) has."""
+    per connect than 1-2 MB here (docs/decisions/count-line-index.md). A flow whose line is full is
+    counted in the map, as exactly. They need mmap-able arrays (5.5), which every kernel with the
+    ring buffer (5.8) has."""
     if buffer != "ringbuf" or option in ("off", 0):
         return 0
     if option == "auto":
