@@ -55,7 +55,7 @@ def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
     from egress_auditor.inputs.ebpf import count_line_flags, count_lines, identity_flags, plan_attach, program_text
 
     plan = plan_attach("auto", "auto")
-    if plan.path != "cgroup":
+    if plan.tcp_hook != "cgroup":
         raise SystemExit(f"connect_variants: the auditor would not use the cgroup connect hook here ({plan.reason})")
     cflags = [f"-I{src}", *plan.cflags(), *identity_flags()]  # the helpers where the auditor falls back to them
     lines = count_lines("auto", MAX_FLOWS, plan.buffer)

@@ -205,7 +205,7 @@ def test_tracepoint_path_reports_the_source_address(
     open_input: Callable[..., EbpfInput], net: Link, family: int
 ) -> None:
     source = open_input(pages=ROOMY, probe="tracepoint")
-    assert source.plan is not None and source.plan.path == "tracepoint"
+    assert source.plan is not None and source.plan.tcp_hook == "tracepoint"
     src, dst = (net.a4, net.b4) if family == 4 else (net.a6, net.b6)
     with http_server(net.b, HTTP_PORT):
         pid = run_curl(net.a, url(dst, HTTP_PORT))
@@ -334,14 +334,14 @@ def test_perf_buffer_path_delivers_events(open_input: Callable[..., EbpfInput], 
 
 def test_auto_plan_chooses_the_cgroup_hooks_and_ring_buffer() -> None:
     plan = plan_attach("auto", "auto")
-    assert (plan.path, plan.buffer) == ("cgroup", "ringbuf")
+    assert (plan.tcp_hook, plan.buffer) == ("cgroup", "ringbuf")
     assert "cheapest" in plan.reason
     assert plan.describe().startswith("TCP: cgroup connect4/6 hooks at /")
 
 
 def test_without_the_ring_buffer_auto_falls_back_to_the_tracepoint() -> None:
     plan = plan_attach("auto", "perf")
-    assert (plan.path, plan.buffer, plan.udp) == ("tracepoint", "perf", "syscalls")
+    assert (plan.tcp_hook, plan.buffer, plan.udp) == ("tracepoint", "perf", "syscalls")
     assert "no ring buffer" in plan.reason
     with pytest.raises(AuditorError) as asked:
         plan_attach("cgroup", "perf")

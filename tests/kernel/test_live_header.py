@@ -49,7 +49,7 @@ def test_the_header_names_each_path_in_a_few_words() -> None:
     )
     assert run.run() == 0
     assert source.plan is not None
-    paths = [SHORT_PATHS[source.plan.path], SHORT_PATHS[source.plan.udp]]
+    paths = [SHORT_PATHS[source.plan.tcp_hook], SHORT_PATHS[source.plan.udp]]
     expected = " + ".join([*dict.fromkeys(paths), "DNS"])
     assert len(expected) <= 40, expected
     assert screen.shown and {s["attach"] for s in screen.shown} == {f"ebpf: {expected}"}

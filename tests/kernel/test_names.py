@@ -75,7 +75,7 @@ def test_names_by_default_give_way_to_a_one_line_note_where_their_program_cannot
     shutil.copytree(ebpf.bpf_source_dir(), src)
     with (src / "dns.bpf.c").open("a") as handle:
         handle.write("\n#error no DNS program on this kernel\n")
-    monkeypatch.setattr(ebpf, "bpf_source_dir", lambda: src)
+    monkeypatch.setattr(ebpf.build, "bpf_source_dir", lambda: src)
     source = ebpf.EbpfInput(ebpf.PLUGIN.defaults())
     try:
         described = source.open()

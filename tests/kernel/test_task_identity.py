@@ -144,7 +144,7 @@ def both_builds(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], tuple[
         opened.append(from_task)
         from_task.open()
         with monkeypatch.context() as patch:
-            patch.setattr(ebpf, "identity_flags", lambda: [])
+            patch.setattr(ebpf.build, "identity_flags", lambda: [])
             by_helpers = EbpfInput(PLUGIN.defaults())
             opened.append(by_helpers)
             by_helpers.open()
@@ -190,7 +190,7 @@ def test_a_kernel_that_refuses_the_task_reads_gets_the_helpers(monkeypatch: pyte
     reads: the programs are built again with the helpers, and connects are still counted by name."""
     fields = task_fields_or_fail()
     refused = fields._replace(cred=fields.comm).cflags()
-    monkeypatch.setattr(ebpf, "identity_flags", lambda: refused)
+    monkeypatch.setattr(ebpf.build, "identity_flags", lambda: refused)
     source = EbpfInput(PLUGIN.defaults())
     try:
         attached = source.open()

@@ -35,7 +35,7 @@ def test_auto_takes_the_cheapest_path_offered(
 ) -> None:
     offer(monkeypatch, cgroup=cgroup, fentry=fentry, kprobes=kprobes)
     plan = plan_attach("auto", "auto")
-    assert plan.path == path
+    assert plan.tcp_hook == path
     if path in ("kprobe", "tracepoint"):
         assert "fentry refused: EPERM" in plan.reason, "says why fentry was passed over"
 
@@ -47,7 +47,7 @@ def test_fentry_is_not_tried_when_the_cgroup_hooks_are_taken(monkeypatch: pytest
         raise AssertionError("loading a probe program is not needed here")
 
     monkeypatch.setattr(host, "fentry_usable", refuse)
-    assert plan_attach("auto", "auto").path == "cgroup"
+    assert plan_attach("auto", "auto").tcp_hook == "cgroup"
 
 
 def test_asking_for_fentry_where_refused_names_the_kernels_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,7 +55,7 @@ def test_asking_for_fentry_where_refused_names_the_kernels_reason(monkeypatch: p
     with pytest.raises(AuditorError, match="ebpf:probe:fentry: fentry refused: EPERM"):
         plan_attach("fentry", "auto")
     offer(monkeypatch, cgroup=True, fentry=True, kprobes=False)
-    assert plan_attach("fentry", "auto").path == "fentry"
+    assert plan_attach("fentry", "auto").tcp_hook == "fentry"
 
 
 @pytest.mark.parametrize("path", sorted(TCP_HOOKS))

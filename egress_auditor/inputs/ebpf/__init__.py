@@ -1,0 +1,32 @@
+"""The eBPF input, one concern a module: `plan` (where to attach, from what the host
+offers), `build` (the BPF object and its flags), `decode` (kernel records into the
+event model), `maps` (reading the flow map), `source` (the input itself)."""
+
+from egress_auditor.inputs.ebpf.build import (
+    bpf_source_dir,
+    count_line_flags,
+    count_lines,
+    identity_flags,
+    program_text,
+)
+from egress_auditor.inputs.ebpf.decode import EVENT_MAP_FULL, EVENT_NEW_FLOW, STAT_EVENTS_LOST, STAT_MAP_FULL
+from egress_auditor.inputs.ebpf.plan import SHORT_PATHS, TCP_HOOKS, AttachPlan, plan_attach
+from egress_auditor.inputs.ebpf.source import PLUGIN, EbpfInput
+
+__all__ = [
+    "EVENT_MAP_FULL",
+    "EVENT_NEW_FLOW",
+    "PLUGIN",
+    "SHORT_PATHS",
+    "STAT_EVENTS_LOST",
+    "STAT_MAP_FULL",
+    "TCP_HOOKS",
+    "AttachPlan",
+    "EbpfInput",
+    "bpf_source_dir",
+    "count_line_flags",
+    "count_lines",
+    "identity_flags",
+    "plan_attach",
+    "program_text",
+]

@@ -1,0 +1,81 @@
+"""Building the eBPF input's one BPF object: the C pieces of bpf/ joined into
+one compile unit, and the -D flags that options and the running kernel
+(count lines, task offsets from BTF) give it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from egress_auditor.compiler import warning_flags
+from egress_auditor.errors import AuditorError
+from egress_auditor.inputs.count_lines import LINE_MUL, line_bits
+from egress_auditor.inputs.ebpf.plan import AttachPlan
+from egress_auditor.inputs.task_fields import task_fields
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+
+def bpf_source_dir() -> Path:
+    """bpf/ beside the package (checkout, editable install) or shipped inside it."""
+    for candidate in (BPF_DIR, Path(__file__).resolve().parents[3] / "bpf"):
+        if (candidate / "flow_map.bpf.c").exists():
+            return candidate
+    raise AuditorError(f"BPF sources not found (looked in {BPF_DIR})")
+
+
+def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
+    """One compile unit: the shared flow map first, then each program in use.
+
+    BCC rewrites map calls and builds tracepoint argument structs only in its
+    main text, so the pieces are joined, not #included.
+    """
+    src = src or bpf_source_dir()
+    parts = [f'#line 1 "{name}"\n' + (src / name).read_text() for name in ("flow_map.bpf.c", *pieces)]
+    return "\n".join(parts).encode()
+
+
+def count_lines(option: str | int, max_flows: int, buffer: str) -> int:
+    """Count lines to build: 0 for none. auto: one per two flows the map holds, the flows rounded up
+    to a power of two (a slot per flow, 2 MB at the default 65,536). The array's size is what a
+    repeat pays for when many flows come in turn: 4 MB cost a 10,000-flow load up to 85 ns more
+    per connect than 1-2 MB here (docs/decisions/count-line-index.md). A flow whose line is full is
+    counted in the map, as exactly. They need mmap-able arrays (5.5), which every kernel with the
+    ring buffer (5.8) has."""
+    if buffer != "ringbuf" or option in ("off", 0):
+        return 0
+    if option == "auto":
+        return max(1, (1 << max(0, max_flows - 1).bit_length()) // 2)
+    return int(option)
+
+
+def count_line_flags(lines: int) -> tuple[tuple[int, ...], list[str]]:
+    """Fresh fingerprint keys (twelve 32-bit NH keys, drawn at each start and written nowhere but the
+    compiler's input) and the compiler flags that build `lines` count lines with them."""
+    keys = tuple(int.from_bytes(os.urandom(4), "little") for _ in range(12))
+    line = [f"-DEA_COUNT_LINES={lines}", f"-DEA_LINE_BITS={line_bits(lines)}", f"-DEA_LINE_MUL={LINE_MUL:#x}ULL"]
+    return keys, [*line, *(f"-DEA_FP_K{i}={k:#x}U" for i, k in enumerate(keys))]
+
+
+def identity_flags() -> list[str]:
+    """Compiler flags that read a connect's process name and uid from the current task (offsets from
+    the kernel's BTF: task_fields.py); none where the kernel lacks them, and the helpers read them."""
+    fields = task_fields()
+    return fields.cflags() if fields is not None else []
+
+
+def load(plan: AttachPlan, text: str, cflags: list[str]) -> Any:
+    """Compile, and load the cgroup programs (BCC keeps them for the attach): the verifier
+    answers here, before anything is attached."""
+    from bcc import BPF, BPFAttachType  # imported late: `list` and `doctor` work without BCC
+
+    built = BPF(text=text, cflags=[*cflags, *warning_flags()])
+    try:
+        for function, prog_type, attach_name in plan.cgroup_programs():
+            attach_type = getattr(BPFAttachType, attach_name)
+            built.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
+    except Exception:
+        built.cleanup()
+        raise
+    return built

@@ -1,0 +1,196 @@
+"""Where the eBPF input attaches: a plan made from what the host offers
+(host.py's facts), with no side effect but asking the kernel about fentry.
+
+The TCP hook is the cheapest per connect that loads here; UDP and DNS
+follow what the kernel allows (docs/inputs.md, docs/decisions/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from egress_auditor import host
+from egress_auditor.errors import AuditorError
+
+# (function, program type, attach type) of the programs attached at the cgroup v2 root.
+CONNECT_PROGRAMS = (
+    ("connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT"),
+    ("connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT"),
+)
+UDP_PROGRAMS = (
+    ("udp_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG"),
+    ("udp_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG"),
+    ("udp_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG"),
+    ("udp_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
+)
+# How a connected UDP socket's first send is seen: a raw tracepoint on sock_send_length
+# (6.3+, attached by BCC at load), else a cgroup_skb egress program on every packet.
+UDP_EGRESS_PROGRAM = ("udp_egress", "CGROUP_SKB", "CGROUP_INET_EGRESS")
+INGRESS_PROGRAM = ("ingress", "CGROUP_SKB", "CGROUP_INET_INGRESS")  # DNS answers
+
+
+# What the live header calls each path: the detail is in the attach line, doctor and the rules' header.
+SHORT_PATHS = {
+    "fentry": "fentry",
+    "kprobe": "kprobes",
+    "cgroup": "cgroup hooks",
+    "tracepoint": "tracepoint",
+    "syscalls": "syscall tracepoints",
+}
+TCP_HOOKS = {
+    "fentry": "fentry tcp_v4_connect/tcp_v6_connect",
+    "kprobe": "kprobes tcp_v4_connect/tcp_v6_connect",
+    "cgroup": "TCP: cgroup connect4/6 hooks",
+    "tracepoint": "tracepoint sock:inet_sock_set_state",
+}
+
+
+@dataclass(frozen=True)
+class AttachPlan:
+    tcp_hook: str  # where TCP connects are seen: a key of TCP_HOOKS
+    buffer: str  # "ringbuf" or "perf"
+    reason: str
+    udp: str = "off"  # "cgroup", "syscalls" or "off"
+    dns: bool = False
+    cgroup_root: str | None = None  # where the cgroup programs attach
+    udp_send_tp: bool = False  # cgroup UDP: first sends of connected sockets at sock:sock_send_length
+
+    def describe(self) -> str:
+        parts = [TCP_HOOKS[self.tcp_hook] + (f" at {self.cgroup_root}" if self.tcp_hook == "cgroup" else "")]
+        if self.udp == "cgroup":
+            first_send = "raw tracepoint sock_send_length" if self.udp_send_tp else "egress hooks"
+            parts.append(f"UDP: cgroup connect/sendmsg/recvmsg/{first_send} at {self.cgroup_root}")
+        elif self.udp == "syscalls":
+            parts.append("UDP: syscall tracepoints connect/sendto/sendmsg")
+        if self.dns:
+            parts.append("DNS answers: cgroup_skb ingress")
+        parts.append("ring buffer" if self.buffer == "ringbuf" else "perf buffer")
+        return f"{', '.join(parts)} ({self.reason})"
+
+    def short(self) -> str:
+        """`cgroup hooks + DNS`: each path by its short name, once."""
+        paths = [SHORT_PATHS[self.tcp_hook], *((SHORT_PATHS[self.udp],) if self.udp != "off" else ())]
+        return " + ".join([*dict.fromkeys(paths), *(("DNS",) if self.dns else ())])
+
+    def pieces(self) -> tuple[str, ...]:
+        return (
+            "tcp_connect.bpf.c",
+            *(("udp_send.bpf.c",) if self.udp != "off" else ()),
+            *(("dns.bpf.c",) if self.dns else ()),
+            *(("cgroup_hooks.bpf.c",) if self.cgroup_programs() else ()),
+        )
+
+    def cgroup_programs(self) -> tuple[tuple[str, str, str], ...]:
+        """(function, program type, attach type) of each program to attach at the cgroup root."""
+        programs: list[tuple[str, str, str]] = []
+        if self.tcp_hook == "cgroup" or self.udp == "cgroup":
+            programs += CONNECT_PROGRAMS
+        if self.udp == "cgroup":
+            programs += UDP_PROGRAMS
+            if not self.udp_send_tp:
+                programs.append(UDP_EGRESS_PROGRAM)
+        if self.dns:
+            programs.append(INGRESS_PROGRAM)
+        return tuple(programs)
+
+    def cflags(self) -> list[str]:
+        flags = [f"-DEA_PATH_{self.tcp_hook.upper()}"]
+        if self.buffer == "ringbuf":
+            flags.append("-DEA_USE_RINGBUF")
+        if self.udp != "off":
+            flags.append(f"-DEA_UDP_{self.udp.upper()}")
+        if self.dns:
+            flags.append("-DEA_DNS")
+        if self.udp == "cgroup" and self.udp_send_tp:
+            flags.append("-DEA_UDP_SEND_TP")
+        return flags
+
+
+def _plan_udp(udp: str, ring_ok: bool, cgroup_root: str | None) -> tuple[str, str]:
+    """The UDP path and why: cgroup hooks need cgroup v2 and the ring buffer."""
+    syscalls_ok = all(host.tracepoint_exists("syscalls", f"sys_{e}_{c}") for e, c in host.SYSCALL_TRACEPOINTS)
+    cgroup_ok = cgroup_root is not None and ring_ok
+    why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
+    if udp == "off":
+        return "off", "UDP off"
+    if udp == "cgroup":
+        if not cgroup_ok:
+            raise AuditorError(f"-I ebpf:udp:cgroup: {why_not_cgroup}; use ebpf:udp:syscalls or auto")
+        return "cgroup", "UDP via cgroup hooks as asked"
+    if udp == "syscalls":
+        if not syscalls_ok:
+            raise AuditorError("-I ebpf:udp:syscalls: syscall tracepoints missing (CONFIG_FTRACE_SYSCALLS)")
+        return "syscalls", "UDP via syscall tracepoints as asked"
+    if cgroup_ok:
+        return "cgroup", "UDP via cgroup hooks"
+    if syscalls_ok:
+        return "syscalls", f"UDP via syscall tracepoints: {why_not_cgroup}"
+    return "off", f"UDP not traced: {why_not_cgroup} and no syscall tracepoints"
+
+
+def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") -> AttachPlan:
+    """Decide the attach paths and buffer from what the kernel offers."""
+    ring_ok = host.ringbuf_supported()
+    if buffer == "ringbuf" and not ring_ok:
+        raise AuditorError("-I ebpf:buffer:ringbuf: this kernel has no BPF ring buffer (5.8+); use perf or auto")
+    chosen = "ringbuf" if buffer == "ringbuf" or (buffer == "auto" and ring_ok) else "perf"
+    cgroup_root = host.cgroup2_root()
+    # The cgroup programs use helpers that came with the ring buffer (5.8).
+    cgroup_ok = cgroup_root is not None and chosen == "ringbuf"
+    why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
+    kprobes_ok, kprobes_why = host.kprobes_usable()
+    tracepoint_ok = host.tracepoint_exists("sock", "inet_sock_set_state")
+    # Tried only when it may be chosen: it loads (and attaches) a program.
+    asked_or_next = probe == "fentry" or (probe == "auto" and not cgroup_ok)
+    fentry_ok, fentry_why = host.fentry_usable() if asked_or_next else (False, "")
+    if probe == "fentry":
+        if not fentry_ok:
+            raise AuditorError(f"-I ebpf:probe:fentry: {fentry_why}; use ebpf:probe:kprobe, cgroup, tracepoint or auto")
+        path, reason = "fentry", "asked for fentry"
+    elif probe == "kprobe":
+        if not kprobes_ok:
+            raise AuditorError(f"-I ebpf:probe:kprobe: {kprobes_why}; use ebpf:probe:cgroup, tracepoint or auto")
+        path, reason = "kprobe", "asked for kprobes"
+    elif probe == "cgroup":
+        if not cgroup_ok:
+            raise AuditorError(f"-I ebpf:probe:cgroup: {why_not_cgroup}; use ebpf:probe:tracepoint or auto")
+        path, reason = "cgroup", "asked for the cgroup connect hooks"
+    elif probe == "tracepoint":
+        if not tracepoint_ok:
+            raise AuditorError(
+                "-I ebpf:probe:tracepoint: sock:inet_sock_set_state not found (kernel 4.16+ and tracefs needed)"
+            )
+        path, reason = "tracepoint", "asked for the tracepoint"
+    # auto: the cheapest path per connect that loads here, by the programs' run times measured side
+    # by side on Debian's stock kernels (docs/benchmarks.md): the cgroup hook (its program reads the
+    # address from its context, and UDP's hooks share it), fentry, kprobes, the tracepoint.
+    elif cgroup_ok:
+        path, reason = "cgroup", "auto: the cheapest per connect"
+    elif fentry_ok:
+        path, reason = "fentry", f"auto: for the cgroup hooks {why_not_cgroup}"
+    elif kprobes_ok:
+        path, reason = "kprobe", f"auto: for the cgroup hooks {why_not_cgroup}; {fentry_why}"
+    elif tracepoint_ok:
+        path, reason = "tracepoint", f"auto: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}"
+    else:
+        raise AuditorError(
+            f"no TCP connect hook: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}, and "
+            "tracepoint sock:inet_sock_set_state is missing (mount -t tracefs tracefs /sys/kernel/tracing)"
+        )
+    if buffer == "auto" and not ring_ok:
+        reason += "; no ring buffer before 5.8"
+    udp_path, udp_why = _plan_udp(udp, chosen == "ringbuf", cgroup_root)
+    dns_ok = cgroup_root is not None and chosen == "ringbuf"
+    if dns == "on" and not dns_ok:
+        raise AuditorError("-I ebpf:dns:on: DNS answers need cgroup v2 and the BPF ring buffer; use auto or off")
+    # auto: on where the kernel allows it, for callers that want names without failing
+    use_dns = dns == "on" or (dns == "auto" and dns_ok)
+    if udp_path != "cgroup" or dns != "auto" or not use_dns:
+        reason += f"; {udp_why}" + (
+            "" if use_dns or dns == "off" else "; no DNS names: needs cgroup v2 and ring buffer"
+        )
+    # Raw tracepoints need no tracefs, but its format file tells whether the kernel has this one.
+    send_tp = udp_path == "cgroup" and host.tracepoint_exists("sock", "sock_send_length")
+    return AttachPlan(
+        path, chosen, reason, udp_path, use_dns, str(cgroup_root) if cgroup_root else None, udp_send_tp=send_tp
+    )
