@@ -215,12 +215,12 @@ def rules(
 ) -> None:
     """Write the rules for saved captures, merging hosts and runs; needs no kernel access."""
     from egress_auditor.capture import read_captures
-    from egress_auditor.records import RECORD_OUTPUTS
     from egress_auditor.review import keep_seen_on
 
     if not sources:
         raise UsageError("rules needs at least one --from FILE: a capture written by trace -o json")
-    firewalls = {n: p for n, p in registered("output").items() if n not in RECORD_OUTPUTS}
+    # Outputs that stream each run's records (json, loki) have no rules to rebuild.
+    firewalls = {n: p for n, p in registered("output").items() if not getattr(p.factory, "per_run", False)}
     output_sel = select("output", outputs, output_options, default="iptables", available=firewalls)
     capture = read_captures(sources, redact=not raw_cmdlines)
     for note in capture.notes:

@@ -16,8 +16,6 @@ from egress_auditor.model import Connection, Flow, Process, Summary
 
 VERSION = 1
 SCHEMA_FILE = "flow-v1.json"
-# Outputs that stream these records rather than render rules.
-RECORD_OUTPUTS = ("json", "loki")
 
 
 def schema() -> dict[str, Any]:
