@@ -86,12 +86,15 @@ def aggregate(scoped: list[ScopedRule], prefixes: tuple[int, int] | None) -> lis
     if prefixes is None:
         return scoped
     groups: dict[tuple, list[ScopedRule]] = {}
+    out = []
     for s in scoped:
         r = s.rule
+        if r.prefix is not None:  # a network already (past the flow cap)
+            out.append(s)
+            continue
         widest = prefixes[0] if r.family is Family.IPV4 else prefixes[1]
         block = ipaddress.ip_network((r.dst, widest), strict=False)
         groups.setdefault((r.protocol, r.family, r.dport, s.uid, s.cgroup, block), []).append(s)
-    out = []
     for (_, family, *_rest), members in groups.items():
         widest = prefixes[0] if family is Family.IPV4 else prefixes[1]
         out.extend([_merge(members, widest)] if len(members) >= THRESHOLD else members)

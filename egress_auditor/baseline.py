@@ -8,6 +8,8 @@ DNS name on the same protocol and port: CDNs rotate addresses.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -16,6 +18,12 @@ from egress_auditor.provenance import stamp
 from egress_auditor.rules import Rule, rules_from_flows
 
 Destination = tuple[Transport, Family, IPAddress, int]
+
+
+def _within(address: IPAddress, rule: Rule) -> bool:
+    return address.version == rule.dst.version and ipaddress.ip_network(rule.destination).supernet_of(
+        ipaddress.ip_network(address)
+    )
 
 
 def destination(rule: Rule) -> Destination:
@@ -52,6 +60,9 @@ class Baseline:
                         hostnames: Iterable[str]) -> list[Destination]:  # fmt: skip
         """The baseline's destinations that cover this one: itself, or those reached by one of its names."""
         found = [(protocol, family, dst, port)] if (protocol, family, dst, port) in self.rules else []
+        for rule in self._networks:
+            if (rule.protocol, rule.family, rule.dport) == (protocol, family, port) and _within(dst, rule):
+                found.append(destination(rule))
         for name in hostnames:
             for old in self.names.get((protocol, port, name.lower()), ()):
                 found.append((protocol, Family.IPV4 if old.version == 4 else Family.IPV6, old, port))
@@ -67,7 +78,19 @@ class Baseline:
         return found
 
     def covers(self, rule: Rule) -> bool:
-        return destination(rule) in self.rules or bool(self.known_by_name(rule))
+        if destination(rule) in self.rules or self.known_by_name(rule):
+            return True
+        return any(
+            (net.protocol, net.family, net.dport) == (rule.protocol, rule.family, rule.dport)
+            and net.prefix_length <= rule.prefix_length
+            and _within(rule.dst, net)
+            for net in self._networks
+        )
+
+    @functools.cached_property
+    def _networks(self) -> list[Rule]:
+        """Rules for a network (flows held past the flow cap): they cover every address inside."""
+        return [r for r in self.rules.values() if r.prefix is not None]
 
 
 @dataclass

@@ -19,8 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from egress_auditor.errors import UsageError
-from egress_auditor.flows import FlowTable
-from egress_auditor.model import Attribution, Connection, Evidence, Family, Flow, FlowKey, Process, Summary, Transport
+from egress_auditor.flows import FlowTable, network_key
+from egress_auditor.model import (
+    Attribution,
+    Connection,
+    Evidence,
+    Family,
+    FewMap,
+    Flow,
+    FlowKey,
+    Process,
+    Summary,
+    Transport,
+)
 from egress_auditor.provenance import STARTUP_S
 from egress_auditor.records import VERSION, utc
 from egress_auditor.redact import redact_process
@@ -75,6 +86,7 @@ def _key(record: dict[str, Any]) -> FlowKey:
         int(record["dport"]),
         int(record["uid"]),
         str(record["comm"]),
+        int(record.get("prefix") or 0),
     )
 
 
@@ -106,20 +118,43 @@ def connection(record: dict[str, Any]) -> Connection:
 def _apply_totals(run: Run, summary: dict[str, Any]) -> None:
     """Final counts and times; a flow whose own record never arrived (a Loki
     buffer drop) is still rebuilt, with only what its totals say."""
+    counted: set[FlowKey] = set()
+    networks: set[FlowKey] = set()
     for totals in summary["totals"]:
         key = _key(totals)
+        counted.add(key)
+        if key.prefix:
+            networks.add(key)
         flow = run.table.get(key)
         if flow is None:
             process = Process(pid=0, name=key.comm, uid=key.uid, attribution=Attribution.NAME_ONLY)
-            stand_in = Connection(
-                time=float(totals["first_seen"]), protocol=key.protocol, family=key.family, src=None, sport=0,
-                dst=key.dst, dport=key.dport, pid=0, uid=key.uid, gid=0, comm=key.comm,
-                input=",".join(totals["inputs"]) or "capture", process=process,
-            )  # fmt: skip
-            flow, _ = run.table.add(stand_in)
+            first = float(totals["first_seen"])
+            flow = run.table.put(Flow(key, first, first, processes=FewMap([((0, None), process)])))
+            if not totals["inputs"]:
+                flow.add_inputs(("capture",))
         run.table.set_kernel_count(key, int(totals["count"]), float(totals["last_seen"]))
-        flow.hostnames.update(str(h) for h in totals["hostnames"])
-        flow.inputs.update(str(i) for i in totals["inputs"])
+        flow.add_hostnames(str(h) for h in totals["hostnames"])
+        flow.add_inputs(str(i) for i in totals["inputs"])
+    if networks:
+        _fold_into_networks(run.table, counted, networks)
+
+
+def _fold_into_networks(table: FlowTable, counted: set[FlowKey], networks: set[FlowKey]) -> None:
+    """A flow record with no totals of its own, inside a network the run held past its flow cap,
+    is that network's first member: its count is in the network's."""
+    lengths = {(k.prefix, k.family) for k in networks}
+    for flow in list(table):
+        if flow.key in counted or flow.key.prefix:
+            continue
+        for length, family in lengths:
+            if family is not flow.key.family:
+                continue
+            holder = table.get(network_key(flow.key, length, length))
+            if holder is not None and holder.key in networks:
+                for pkey, process in flow.processes.items():
+                    holder.processes.setdefault(pkey, process)
+                table.discard(flow.key)
+                break
 
 
 def _lines(source: str) -> Iterator[tuple[int, str]]:
@@ -206,7 +241,7 @@ def merge_flows(flows: Iterable[Flow]) -> list[Flow]:
         if into is None:
             merged[flow.key] = Flow(
                 flow.key, flow.first_seen, flow.last_seen, flow.count,
-                dict(flow.processes), set(flow.inputs), set(flow.hostnames), flow.evidence,
+                dict(flow.processes), flow.inputs, flow.hostnames, flow.evidence,
             )  # fmt: skip
             continue
         if flow.evidence is not None:
@@ -216,8 +251,8 @@ def merge_flows(flows: Iterable[Flow]) -> list[Flow]:
         into.count += flow.count
         for key, process in flow.processes.items():
             into.processes.setdefault(key, process)
-        into.inputs |= flow.inputs
-        into.hostnames |= flow.hostnames
+        into.add_inputs(flow.inputs)
+        into.add_hostnames(flow.hostnames)
     return [merged[k] for k in sorted(merged)]
 
 

@@ -14,6 +14,7 @@ from rich.table import Table
 from egress_auditor import __version__, host
 from egress_auditor.compiler import show_warnings
 from egress_auditor.errors import AuditorError, UsageError
+from egress_auditor.flows import FLOW_CAP
 from egress_auditor.plugins import registered, select
 
 try:  # typer 0.2x vendors click: its exceptions are not click's own
@@ -119,6 +120,14 @@ def trace(
         help="Carry on from a capture written by -o json (repeatable): its flows and counts are in the rules and "
         "the summary. With -O json:file: on the same file, the run appends to what it resumed from.",
     ),
+    flow_cap: int = typer.Option(
+        FLOW_CAP,
+        "--flow-cap",
+        min=1,
+        metavar="N",
+        help="Flows held with their own destination (about 450 bytes each); past N, new destinations are held "
+        "as /24 (IPv6 /64) networks, past 1.5 N as /16 (/48), past 2 N only counted. The rules' header says so.",
+    ),
     command: list[str] = typer.Argument(
         None,
         metavar="[-- CMD ARGS...]",
@@ -159,7 +168,7 @@ def trace(
             print(f"egress-auditor: baseline: {note}", file=sys.stderr)
         scope = strictest(str(o.get("scope", "none")) for o in output_sel.chosen.values())
         drift = DriftWatch(Baseline.of(known.flows), scope, ", ".join(baselines))
-    table = FlowTable()
+    table = FlowTable(flow_cap)
     console = Console(stderr=True)
     # The command's own output shares the terminal: one line per flow reads better than a redrawn table.
     plain = no_live or bool(command) or not console.is_terminal

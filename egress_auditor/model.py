@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Iterator, MutableMapping, MutableSet
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -91,61 +91,12 @@ class FlowKey:
     dport: int
     uid: int
     comm: str
+    prefix: int = 0  # past the flow cap (flows.py): dst is the network of this length; 0: dst alone
 
 
-T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 _NONE: Any = object()  # marks an empty slot: None may be an item
-
-
-class FewSet(MutableSet[T]):
-    """A set that keeps a single item without a hash table: most flows have
-    one input and no DNS name, and every set() costs 216 bytes."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, items: Iterable[T] = ()) -> None:
-        self._data: Any = _NONE  # _NONE, the one item, or a set of several (a set is never an item)
-        self.update(items)
-
-    def __contains__(self, item: object) -> bool:
-        data = self._data
-        return item in data if type(data) is set else (data is not _NONE and data == item)
-
-    def __iter__(self) -> Iterator[T]:
-        data = self._data
-        if type(data) is set:
-            return iter(data)
-        return iter(() if data is _NONE else (data,))
-
-    def __len__(self) -> int:
-        data = self._data
-        return len(data) if type(data) is set else int(data is not _NONE)
-
-    def add(self, item: T) -> None:
-        data = self._data
-        if data is _NONE:
-            self._data = item
-        elif type(data) is set:
-            data.add(item)
-        elif data != item:
-            self._data = {data, item}
-
-    def discard(self, item: T) -> None:
-        data = self._data
-        if type(data) is set:
-            data.discard(item)
-        elif data is not _NONE and data == item:
-            self._data = _NONE
-
-    def update(self, *others: Iterable[T]) -> None:
-        for other in others:
-            for item in other:
-                self.add(item)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self)!r})"
 
 
 class FewMap(MutableMapping[K, V]):
@@ -217,15 +168,15 @@ class Evidence:
 
 @dataclass(slots=True)
 class Flow:
-    """Held for every flow of a run: kept small (slots, FewMap, FewSet) so 100,000 flows fit in tens of MB."""
+    """Held for every flow of a run: kept small (slots, FewMap, shared input sets, a tuple of names)."""
 
     key: FlowKey
     first_seen: float
     last_seen: float
     count: int = 0
     processes: MutableMapping[tuple[int, float | None], Process] = field(default_factory=FewMap)
-    inputs: MutableSet[str] = field(default_factory=FewSet)
-    hostnames: MutableSet[str] = field(default_factory=FewSet)
+    inputs: frozenset[str] = frozenset()  # one shared set per combination (_inputs_with)
+    hostnames: tuple[str, ...] = ()
     evidence: Evidence | None = None  # only for flows read back from captures
 
     def add(self, conn: Connection, process_key: tuple[int, float | None] | None = None) -> None:
@@ -236,9 +187,28 @@ class Flow:
         if process_key is None:
             process_key = (conn.process.pid, conn.process.start_time)
         self.processes.setdefault(process_key, conn.process)
-        self.inputs.add(conn.input)
-        if conn.hostname:
-            self.hostnames.add(conn.hostname)
+        self.add_details(conn)
+
+    def add_details(self, conn: Connection) -> None:
+        """The input and DNS name of a connection, without its process."""
+        if conn.input not in self.inputs:
+            self.add_inputs((conn.input,))
+        if conn.hostname and conn.hostname not in self.hostnames:
+            self.add_hostnames((conn.hostname,))
+
+    def add_inputs(self, names: Iterable[str]) -> None:
+        self.inputs = _shared_inputs(self.inputs.union(names))
+
+    def add_hostnames(self, names: Iterable[str]) -> None:
+        self.hostnames = tuple(dict.fromkeys((*self.hostnames, *names)))
+
+
+_INPUT_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _shared_inputs(inputs: frozenset[str]) -> frozenset[str]:
+    # A run has a few inputs, so a few combinations: each flow points at a shared one.
+    return _INPUT_SETS.setdefault(inputs, inputs)
 
 
 @dataclass

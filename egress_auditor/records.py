@@ -81,7 +81,7 @@ def drift_record(conn: Connection, run: str, host: str) -> dict[str, Any]:
 def totals_record(flow: Flow) -> dict[str, Any]:
     """A flow's final count and times, keyed as the flow records are."""
     key = flow.key
-    return {
+    record = {
         "protocol": key.protocol.name.lower(),
         "family": key.family.label.lower(),
         "dst": str(key.dst),
@@ -94,6 +94,9 @@ def totals_record(flow: Flow) -> dict[str, Any]:
         "hostnames": sorted(flow.hostnames),
         "inputs": sorted(flow.inputs),
     }
+    if key.prefix:
+        record["prefix"] = key.prefix  # held as dst/prefix past the flow cap
+    return record
 
 
 def summary_record(flows: list[Flow], summary: Summary, run: str, kind: str = "summary") -> dict[str, Any]:

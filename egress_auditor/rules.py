@@ -60,12 +60,12 @@ def _evidence(flows: list[Flow]) -> Evidence | None:
 
 def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
     """Merge flows that differ only in uid or process into one rule each; sorted."""
-    grouped: dict[tuple[Transport, Family, IPAddress, int], list[Flow]] = {}
+    grouped: dict[tuple[Transport, Family, IPAddress, int, int], list[Flow]] = {}
     for flow in flows:
         k = flow.key
-        grouped.setdefault((k.protocol, k.family, k.dst, k.dport), []).append(flow)
+        grouped.setdefault((k.protocol, k.family, k.dst, k.dport, k.prefix), []).append(flow)
     rules = []
-    for (protocol, family, dst, dport), members in grouped.items():
+    for (protocol, family, dst, dport, prefix), members in grouped.items():
         processes = {p for f in members for p in f.processes.values()}
         rules.append(
             Rule(
@@ -79,6 +79,7 @@ def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
                 count=sum(f.count for f in members),
                 hostnames=tuple(sorted({h for f in members for h in f.hostnames})),
                 evidence=_evidence(members),
+                prefix=prefix or None,
             )
         )
-    return sorted(rules, key=lambda r: (r.family, r.dst, r.protocol, r.dport))
+    return sorted(rules, key=lambda r: (r.family, r.dst, r.protocol, r.dport, r.prefix_length))

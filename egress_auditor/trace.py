@@ -153,6 +153,8 @@ class TraceRun:
         process = self.attributor.attribute(conn)
         conn = dataclasses.replace(conn, process=redact_process(process) if self.redact else process)
         flow, is_new = self.table.add(conn)
+        if flow is None:  # past twice the flow cap: counted, and the rules' header says so
+            return
         for sink in (*self.outputs, self.display):
             self._deliver(sink, lambda s: s.connection(conn, flow, is_new))
         if is_new and self.drift is not None and not self.drift.covers(flow):
@@ -388,6 +390,7 @@ class TraceRun:
             connects=self._connects_from(stats),
             events_lost=stats.events_lost,
             map_full=stats.map_full,
+            notes=self.table.limits.notes(self.table.cap),
         )
         flows: list[Flow] = list(self.table)
         if self.resumed is None:
@@ -402,6 +405,7 @@ class TraceRun:
             connects=summary.connects + earlier.connects,
             events_lost=summary.events_lost + earlier.events_lost,
             map_full=summary.map_full + earlier.map_full,
+            notes=summary.notes,
         )
         return self._with_drift(flows, summary, merge_flows([*self.resumed.flows, *flows]), merged)
 
