@@ -49,7 +49,8 @@ class Run:
     host: str
     table: FlowTable = field(default_factory=FlowTable)
     summary: dict[str, Any] | None = None
-    checkpoint: dict[str, Any] | None = None  # the latest, for a run that never wrote its summary
+    checkpoint: dict[str, Any] | None = None  # the latest, without its totals: for a run that never wrote its summary
+    counted: set[FlowKey] = field(default_factory=set)  # flows with totals of their own, in any record
 
 
 @dataclass
@@ -118,11 +119,10 @@ def connection(record: dict[str, Any]) -> Connection:
 def _apply_totals(run: Run, summary: dict[str, Any]) -> None:
     """Final counts and times; a flow whose own record never arrived (a Loki
     buffer drop) is still rebuilt, with only what its totals say."""
-    counted: set[FlowKey] = set()
     networks: set[FlowKey] = set()
     for totals in summary["totals"]:
         key = _key(totals)
-        counted.add(key)
+        run.counted.add(key)
         if key.prefix:
             networks.add(key)
         flow = run.table.get(key)
@@ -136,7 +136,7 @@ def _apply_totals(run: Run, summary: dict[str, Any]) -> None:
         flow.add_hostnames(str(h) for h in totals["hostnames"])
         flow.add_inputs(str(i) for i in totals["inputs"])
     if networks:
-        _fold_into_networks(run.table, counted, networks)
+        _fold_into_networks(run.table, run.counted, networks)
 
 
 def _fold_into_networks(table: FlowTable, counted: set[FlowKey], networks: set[FlowKey]) -> None:
@@ -199,8 +199,11 @@ def _read(source: str, runs: dict[str, Run], notes: list[str]) -> int:
             elif record["type"] == "drift":
                 pass  # the same connection's flow record carries it
             elif record["type"] == "checkpoint":
+                # Applied as read: a checkpoint lists what changed since the one before, and
+                # every flow it lists had its flow record earlier in the file.
+                _apply_totals(run, record)
                 if run.checkpoint is None or float(record["ended"]) >= float(run.checkpoint["ended"]):
-                    run.checkpoint = record
+                    run.checkpoint = {**record, "totals": []}
             else:
                 raise ValueError(f"unknown record type {record['type']!r}")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:

@@ -99,9 +99,12 @@ def totals_record(flow: Flow) -> dict[str, Any]:
     return record
 
 
-def summary_record(flows: list[Flow], summary: Summary, run: str, kind: str = "summary") -> dict[str, Any]:
-    """The end of a run, or with kind "checkpoint" the same as of a snapshot while it goes on."""
-    return {
+def summary_record(
+    flows: list[Flow], summary: Summary, run: str, kind: str = "summary", totals_since: float | None = None
+) -> dict[str, Any]:
+    """The end of a run, or with kind "checkpoint" the same as of a snapshot while it goes on.
+    With totals_since, `totals` holds only the flows seen since then (the checkpoints before hold the rest)."""
+    record = {
         "version": VERSION,
         "type": kind,
         "run": run,
@@ -116,8 +119,11 @@ def summary_record(flows: list[Flow], summary: Summary, run: str, kind: str = "s
         "events_lost": summary.events_lost,
         "map_full": summary.map_full,
         "flows": len(flows),
-        "totals": [totals_record(f) for f in flows],
+        "totals": [totals_record(f) for f in flows if totals_since is None or f.last_seen >= totals_since],
     }
+    if totals_since is not None:
+        record["totals_since"] = totals_since
+    return record
 
 
 def line(record: dict[str, Any]) -> str:

@@ -23,6 +23,9 @@ from egress_auditor.outputs import OutputBase
 from egress_auditor.plugins import Option, Plugin
 from egress_auditor.records import drift_record, flow_record, line, summary_record
 
+# A count folded from the kernel carries the time of its connect, at most a sync interval (10 s) before
+# the fold: a checkpoint lists every flow seen up to this long before the newest the last one held.
+CHECKPOINT_MARGIN_S = 60.0
 TAIL_MAX = 1 << 20  # a record is far shorter: a longer last line is not ours to repair
 
 
@@ -37,6 +40,8 @@ class JsonLinesOutput(OutputBase):
         self._stdout = stdout or sys.stdout
         self._stderr = stderr or sys.stderr
         self._checkpointed = (0, 0, 0, 0)  # flows, connects, lost, map full at the last checkpoint
+        # The newest last_seen of any flow at the last checkpoint in this file; None: the next lists every flow.
+        self._checkpoint_mark: float | None = None
         try:
             self._fd: int | None = self._open() if self.path else None
         except OSError as exc:
@@ -111,15 +116,20 @@ class JsonLinesOutput(OutputBase):
             os.close(self._fd)
             self._fd = None
             self._fd = self._open()
+            self._checkpoint_mark = None  # a rotated file starts over: its first checkpoint lists every flow
 
     def snapshot(self, flows: list[Flow], summary: Summary) -> None:
-        """A checkpoint: every flow's counts as of now, so a run stopped hard can be resumed from here.
-        Skipped while nothing was seen since the last one (that one still holds): a quiet night adds nothing."""
+        """A checkpoint: the counts as of now of every flow seen since the last checkpoint in this file
+        (every flow in the first), so a run stopped hard can be resumed from here. Skipped while nothing
+        was seen since the last one (that one still holds): a quiet night adds nothing."""
         seen = (len(flows), summary.connects, summary.events_lost, summary.map_full)
         if self._fd is None or seen == self._checkpointed:
             return
-        self._write(line(summary_record(flows, summary, self.run, kind="checkpoint")))
+        since = None if self._checkpoint_mark is None else self._checkpoint_mark - CHECKPOINT_MARGIN_S
+        self._write(line(summary_record(flows, summary, self.run, kind="checkpoint", totals_since=since)))
         self._checkpointed = seen
+        if flows:
+            self._checkpoint_mark = max(f.last_seen for f in flows)
 
     def finish(self, flows: list[Flow], summary: Summary) -> str:
         text = line(summary_record(flows, summary, self.run))

@@ -315,3 +315,28 @@ def test_no_checkpoint_while_nothing_was_seen_since_the_last(tmp_path: Path) -> 
         ("checkpoint", 1),
         ("checkpoint", 2),
     ]
+
+
+def test_a_checkpoint_lists_what_changed_since_the_last_and_reads_back_whole(tmp_path: Path) -> None:
+    capture = tmp_path / "flows.jsonl"
+    output = select("output", ["json"], [f"json:file:{capture}"], default="json").create()[0]
+    table = FlowTable()
+    old, busy = conn(CURL, "192.0.2.10", 443, START), conn(WGET, "192.0.2.11", 80, START + 100)
+    for c in (old, busy):
+        flow, is_new = table.add(c)
+        output.connection(c, flow, is_new)
+    output.snapshot(list(table), summary([old, busy]))
+    table.set_kernel_count(flow_key(busy), 5, START + 200)
+    output.snapshot(list(table), summary([old, busy, busy]))
+    checkpoints = [r for r in records(capture) if r["type"] == "checkpoint"]
+    assert [len(r["totals"]) for r in checkpoints] == [2, 1] and checkpoints[1]["flows"] == 2
+    assert "totals_since" not in checkpoints[0] and checkpoints[1]["totals_since"] == START + 100 - 60
+    # Stopped hard here: every flow comes back with its latest count.
+    back = read_captures([str(capture)])
+    assert sorted((f.key.comm, f.count) for f in back.flows) == [("curl", 1), ("wget", 5)]
+    # A rotated file starts again with every flow.
+    capture.rename(tmp_path / "flows.jsonl.1")
+    output.reopen()
+    table.set_kernel_count(flow_key(busy), 6, START + 300)
+    output.snapshot(list(table), summary([old, busy, busy, busy]))
+    assert [len(r["totals"]) for r in records(capture)] == [2]
