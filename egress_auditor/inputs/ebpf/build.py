@@ -15,6 +15,8 @@ from egress_auditor.inputs.ebpf.plan import AttachPlan
 from egress_auditor.inputs.task_fields import task_fields
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+# Before every program: where events leave (the one choice of ring or perf buffer), then the flow map.
+SHARED_PIECES = ("output.bpf.c", "flow_map.bpf.c")
 
 
 def bpf_source_dir() -> Path:
@@ -26,13 +28,14 @@ def bpf_source_dir() -> Path:
 
 
 def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
-    """One compile unit: the shared flow map first, then each program in use.
+    """One compile unit: the event output and the shared flow map first, then each program in use.
 
     BCC rewrites map calls and builds tracepoint argument structs only in its
-    main text, so the pieces are joined, not #included.
+    main text, so the pieces that use maps are joined, not #included; the
+    map-free helpers are headers they #include (bpf/*.bpf.h).
     """
     src = src or bpf_source_dir()
-    parts = [f'#line 1 "{name}"\n' + (src / name).read_text() for name in ("flow_map.bpf.c", *pieces)]
+    parts = [f'#line 1 "{name}"\n' + (src / name).read_text() for name in (*SHARED_PIECES, *pieces)]
     return "\n".join(parts).encode()
 
 
