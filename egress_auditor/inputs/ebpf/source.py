@@ -54,7 +54,7 @@ class EbpfInput:
         self.options = options
         self.bpf: Any = None
         self.plan: AttachPlan | None = None
-        self.names = DnsNames()
+        self.names = DnsNames()  # the DNS answers read are learned here: the run names connections (enrich.py)
         # Flow map keys (raw bytes) whose event arrived since the last sync, and in the
         # interval before: only flows that new can still lack their event, so older
         # keys are dropped instead of held for the whole run.
@@ -166,6 +166,10 @@ class EbpfInput:
         """The count lines in use, if any (none on kernels without the ring buffer, or when turned off)."""
         return self._lines
 
+    def learn_names(self, names: DnsNames) -> None:
+        """Before open(): feed the DNS answers read into the run's name cache."""
+        self.names = names
+
     def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
         """Before open(): count only connects from this cgroup v2 and below it (trace -- CMD)."""
         self._command_cgroup = (cgroup_id, depth)
@@ -233,12 +237,6 @@ class EbpfInput:
             cgroup_id=event.cgroup_id,
         )
 
-    def _named(self, conn: Connection) -> Connection:
-        # Named after the poll: a DNS answer and the connect it led to may
-        # arrive in either order within one poll of the two ring buffers.
-        name = self.names.name_for(conn.dst, conn.pid, conn.time)
-        return dataclasses.replace(conn, hostname=name) if name else conn
-
     def poll(self, timeout_s: float, emit: Emit) -> None:
         if self.plan is None or self.bpf is None:
             return
@@ -255,7 +253,7 @@ class EbpfInput:
             self.bpf.perf_buffer_poll(ms)
         pending, self._pending = self._pending, []
         for conn in pending:
-            emit(self._named(conn))
+            emit(conn)
 
     def _drain(self, cutoff_ns: int, emit: Emit) -> None:
         """Emit every event written before cutoff_ns, a batch at a time."""
@@ -291,22 +289,20 @@ class EbpfInput:
             flow = self._flow_key(raw)
             if recover and window <= first_ns < cutoff and not any(raw in keys for keys in announced):
                 emit(
-                    self._named(
-                        Connection(
-                            time=first_ns / 1e9 + self._epoch_offset,
-                            protocol=flow.protocol,
-                            family=flow.family,
-                            src=None,
-                            sport=0,
-                            dst=flow.dst,
-                            dport=flow.dport,
-                            pid=0,
-                            uid=flow.uid,
-                            gid=-1,
-                            comm=flow.comm,
-                            input=self.name,
-                            process=Process(pid=0, name=flow.comm, uid=flow.uid),
-                        )
+                    Connection(
+                        time=first_ns / 1e9 + self._epoch_offset,
+                        protocol=flow.protocol,
+                        family=flow.family,
+                        src=None,
+                        sport=0,
+                        dst=flow.dst,
+                        dport=flow.dport,
+                        pid=0,
+                        uid=flow.uid,
+                        gid=-1,
+                        comm=flow.comm,
+                        input=self.name,
+                        process=Process(pid=0, name=flow.comm, uid=flow.uid),
                     )
                 )
             # A flow that repeats gets a slot in its count line: its later repeats are counted there.
