@@ -7,9 +7,13 @@
 #include "uapi.bpf.h"
 #include "skb.bpf.h"
 
+#ifndef EA_DNS_PAGES
+#define EA_DNS_PAGES EA_RINGBUF_PAGES
+#endif
+
 /* Reserved in place, which only a ring buffer offers: the plan turns DNS names
  * on only with the ring buffer (inputs/ebpf/plan.py). */
-BPF_RINGBUF_OUTPUT(dns_events, EA_RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(dns_events, EA_DNS_PAGES);
 
 /* Sockets that talk to port 53, so their answers can be tied to a process. */
 BPF_TABLE("lru_hash", u64, struct ea_dns_owner, dns_owners, 8192);

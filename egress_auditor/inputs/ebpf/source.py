@@ -42,9 +42,6 @@ RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be coun
 # Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
 MAX_FLOWS_LIMIT = 1 << 24
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
-# bpf(2) command and flag for cgroup programs (uapi/linux/bpf.h).
-_BPF_LINK_CREATE = 28
-_BPF_F_ALLOW_MULTI = 2
 
 
 class EbpfInput:
@@ -175,20 +172,11 @@ class EbpfInput:
         self._command_cgroup = (cgroup_id, depth)
 
     def _attach_cgroup(self, programs: tuple[tuple[str, str, str], ...]) -> None:
-        """Attach at the cgroup v2 root through BPF links (5.7+), beside any
-        programs already there; without links, with BPF_F_ALLOW_MULTI."""
-        from bcc import BPF, BPFAttachType
-
         assert self.plan is not None and self.plan.cgroup_root is not None
         self._cgroup_fd = os.open(self.plan.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
-        for function, prog_type, attach_name in programs:
-            attach_type = getattr(BPFAttachType, attach_name)
-            fn = self.bpf.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
-            try:
-                self._links.append(host.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, self._cgroup_fd, attach_type, 0]))
-            except OSError:
-                BPF.attach_func(fn, self._cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
-                self._legacy_attached.append((fn, self._cgroup_fd, attach_type))
+        links, legacy = build.attach_cgroup(self.bpf, self._cgroup_fd, programs)
+        self._links += links
+        self._legacy_attached += legacy
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         event = self.bpf["events"].event(data)
@@ -347,15 +335,8 @@ class EbpfInput:
         )
 
     def close(self) -> None:
-        for link in self._links:
-            os.close(link)
-        self._links = []
-        if self._legacy_attached:
-            from bcc import BPF
-
-            for fn, cgroup_fd, attach_type in self._legacy_attached:
-                BPF.detach_func(fn, cgroup_fd, attach_type)
-            self._legacy_attached = []
+        build.detach_cgroup(self._links, self._legacy_attached)
+        self._links, self._legacy_attached = [], []
         if self._cgroup_fd is not None:
             os.close(self._cgroup_fd)
             self._cgroup_fd = None
