@@ -84,9 +84,9 @@ class Enrichment:
         self.enrichers = tuple(enrichers)
 
     def enrich(self, conn: Connection) -> Connection | None:
-        current: Connection | None = conn
         for enricher in self.enrichers:
-            current = enricher.enrich(current)
-            if current is None:
+            enriched = enricher.enrich(conn)
+            if enriched is None:
                 return None
-        return current
+            conn = enriched
+        return conn
