@@ -4,7 +4,7 @@ may drop a connection (the audited command's filter), the others fill in
 detail: the process behind it, then the DNS name that led to its destination.
 
 Inputs only translate what the kernel reports; whatever needs knowledge
-gathered across connections (lineage, /proc, cgroups, DNS answers) is here.
+gathered across connections (lineage, /proc, cgroups, DNS answers) is applied here.
 """
 
 from __future__ import annotations
