@@ -3,6 +3,8 @@
  * EA_UDP_CGROUP), because every program attached to a
  * hook runs for every connect or packet of the host. Follows the pieces whose
  * helpers it calls. All return 1: an auditor never refuses traffic. */
+#include "uapi.bpf.h"
+#include "skb.bpf.h"
 
 #if defined(EA_PATH_CGROUP) || defined(EA_UDP_CGROUP)
 static __always_inline int on_connect(struct bpf_sock_addr *ctx, int v6)

@@ -2,9 +2,29 @@
  * names behind addresses, from the cgroup_skb ingress program at the cgroup
  * v2 root: it sees every packet delivered to a local socket, so this filters
  * on the source port first. UDP answers and TCP answers whose message fits
- * in one segment are copied. */
+ * in one segment are copied. Follows flow_map.bpf.c (count_stat) and comes
+ * before udp_send.bpf.c, whose hooks tell which process owns a DNS socket. */
+#include "uapi.bpf.h"
+#include "skb.bpf.h"
 
-BPF_RINGBUF_OUTPUT(dns_events, EA_RINGBUF_PAGES);
+#ifndef EA_DNS_PAGES
+#define EA_DNS_PAGES EA_RINGBUF_PAGES
+#endif
+
+/* Reserved in place, which only a ring buffer offers: the plan turns DNS names
+ * on only with the ring buffer (inputs/ebpf/plan.py). */
+BPF_RINGBUF_OUTPUT(dns_events, EA_DNS_PAGES);
+
+/* Sockets that talk to port 53, so their answers can be tied to a process. */
+BPF_TABLE("lru_hash", u64, struct ea_dns_owner, dns_owners, 8192);
+
+/* Called by the sock_addr hooks (udp_send.bpf.c) for UDP and TCP to port 53. */
+static __always_inline void remember_dns_owner(u64 cookie, struct ea_connect_event *ev)
+{
+    struct ea_dns_owner owner = {.pid = ev->pid, .uid = ev->uid};
+    __builtin_memcpy(owner.comm, ev->comm, sizeof(owner.comm));
+    dns_owners.update(&cookie, &owner);
+}
 
 /* Copy a DNS answer (source port 53) to user space; called by the one
  * ingress program in cgroup_hooks.bpf.c for every UDP and TCP packet delivered. */

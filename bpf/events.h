@@ -66,6 +66,9 @@ struct ea_connect_event {
 };
 
 /* DNS answers seen arriving at local sockets (bpf/dns.bpf.c). */
+#ifndef EA_DNS_PORT
+#define EA_DNS_PORT 53
+#endif
 #ifndef EA_DNS_MAX
 #define EA_DNS_MAX 1024 /* a power of two: up to EA_DNS_MAX - 1 bytes of a DNS message are copied */
 #endif

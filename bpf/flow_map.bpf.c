@@ -1,41 +1,18 @@
-/* The flow map, statistics and event buffer shared by every connect
- * program (TCP and UDP). User space compiles one object from this piece
- * followed by the programs in use (BCC rewrites map calls only in its main
- * text, so the pieces are joined rather than #included). */
+/* The flow map and statistics shared by every connect program (TCP and UDP):
+ * each connect is counted in its flow, and only a flow's first crosses to user
+ * space. User space compiles one object from output.bpf.c, this piece, then
+ * the programs in use (BCC rewrites map calls only in its main text, so the
+ * pieces that use maps are joined; map-free helpers are #included). */
 #include <uapi/linux/ptrace.h>
-#include <uapi/linux/in6.h>
 #include "events.h"
-
-/* The little used from <uapi/linux/in.h> and <linux/socket.h>, as their uapi
- * defines it: those headers pull in much of the kernel's and cost about 0.3 s
- * of compiling at every start. */
-#define IPPROTO_TCP 6
-#define IPPROTO_UDP 17
-struct sockaddr;
-struct iovec;
-struct sockaddr_in {
-    unsigned short sin_family; /* __kernel_sa_family_t */
-    __be16 sin_port;
-    struct { __be32 s_addr; } sin_addr;
-    unsigned char __pad[8];
-};
-struct user_msghdr {
-    void *msg_name;
-    int msg_namelen;
-    struct iovec *msg_iov;
-    __kernel_size_t msg_iovlen;
-    void *msg_control;
-    __kernel_size_t msg_controllen;
-    unsigned int msg_flags;
-};
+#include "task_name.bpf.h"
+#ifdef EA_COUNT_LINES
+#include "fingerprint.bpf.h"
+#endif
 
 #ifndef EA_MAX_FLOWS
 #define EA_MAX_FLOWS 65536
 #endif
-#ifndef EA_RINGBUF_PAGES
-#define EA_RINGBUF_PAGES 256
-#endif
-
 BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
 #ifdef EA_COUNT_LINES
 /* A flow map lookup touches three or four cache lines (bucket, element) that,
@@ -51,11 +28,6 @@ BPF_PERCPU_ARRAY(stats, u64, EA_STAT_SLOTS);
  * counted, so a host flow with the same key never hides the command's. */
 BPF_HASH(command_cgroups, u64, u8, 1024);
 #endif
-#ifdef EA_USE_RINGBUF
-BPF_RINGBUF_OUTPUT(events, EA_RINGBUF_PAGES);
-#else
-BPF_PERF_OUTPUT(events);
-#endif
 
 static __always_inline void count_stat(int slot)
 {
@@ -64,139 +36,11 @@ static __always_inline void count_stat(int slot)
         (*value)++;
 }
 
-/* IPv4-mapped IPv6 (::ffff:a.b.c.d) leaves the host as IPv4: key it so. */
-static __always_inline int is_v4_mapped(const u8 *a)
-{
-    return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 &&
-           a[5] == 0 && a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 &&
-           a[10] == 0xff && a[11] == 0xff;
-}
-
-/* A destination from a cgroup hook or a sockaddr: IPv4, port in network order. */
-static __always_inline void fill_v4(struct ea_connect_event *ev, u8 protocol, u32 daddr, u16 dport_be)
-{
-    ev->protocol = protocol;
-    ev->family = EA_AF_INET;
-    ev->dport = ntohs(dport_be);
-    __builtin_memcpy(ev->daddr, &daddr, 4);
-}
-
-/* IPv6, with IPv4-mapped destinations keyed as the IPv4 they are on the wire. */
-static __always_inline void fill_v6(struct ea_connect_event *ev, u8 protocol, const u8 *daddr, u16 dport_be)
-{
-    ev->protocol = protocol;
-    ev->dport = ntohs(dport_be);
-    if (is_v4_mapped(daddr)) {
-        ev->family = EA_AF_INET;
-        __builtin_memcpy(ev->daddr, &daddr[12], 4);
-    } else {
-        ev->family = EA_AF_INET6;
-        __builtin_memcpy(ev->daddr, daddr, 16);
-    }
-}
-
-/* The destination of a cgroup sock_addr hook (connect4/6, sendmsg4/6). */
-static __always_inline void fill_sock_addr(struct ea_connect_event *ev, struct bpf_sock_addr *ctx, u8 protocol, int v6)
-{
-    if (v6) {
-        u32 words[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
-        fill_v6(ev, protocol, (const u8 *)words, (u16)ctx->user_port);
-    } else {
-        fill_v4(ev, protocol, ctx->user_ip4, (u16)ctx->user_port);
-    }
-}
-
-/* What the cgroup_skb programs need of a packet's IP header. */
-struct ea_skb_head {
-    u32 l4;     /* offset of the L4 header (IPv6 extension headers are not followed) */
-    u16 sport;  /* L4 source port, host order: filled by the ingress program */
-    u8 proto;   /* L4 protocol */
-    u8 family;  /* EA_AF_INET or EA_AF_INET6 */
-};
-
-/* Read the IP header of a packet at a cgroup_skb hook; 0 if it is neither
- * IPv4 nor IPv6. Read straight from the packet when its headers are linear,
- * as they are for local TCP and UDP: these programs see every packet, and a
- * bpf_skb_load_bytes call per packet costs more than all else they do for
- * the TCP packets they let by. */
-static __always_inline int skb_head(struct __sk_buff *skb, struct ea_skb_head *head)
-{
-    u8 *data = (u8 *)(long)skb->data;
-    u8 *end = (u8 *)(long)skb->data_end;
-    u8 first = 0, proto = 0;
-    if (data + 10 <= end) {
-        first = data[0];
-        proto = (first >> 4) == 4 ? data[9] : data[6];
-    } else {
-        if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
-            return 0;
-        bpf_skb_load_bytes(skb, (first >> 4) == 4 ? 9 : 6, &proto, 1);
-    }
-    head->proto = proto;
-    if ((first >> 4) == 4) {
-        head->family = EA_AF_INET;
-        head->l4 = (first & 0x0f) * 4;
-        return 1;
-    }
-    if ((first >> 4) == 6) {
-        head->family = EA_AF_INET6;
-        head->l4 = 40;
-        return 1;
-    }
-    return 0;
-}
-
-/* The L4 source port (network order) at offset l4 of the packet; 0 if unreadable. */
-static __always_inline u16 skb_sport_be(struct __sk_buff *skb, u32 l4)
-{
-    u8 *data = (u8 *)(long)skb->data;
-    u8 *end = (u8 *)(long)skb->data_end;
-    u16 sport_be = 0;
-    l4 &= 0x7f; /* at most 60 (IPv4 options) or 40 (IPv6): a bound the verifier can see */
-    if (data + l4 + 2 <= end)
-        __builtin_memcpy(&sport_be, data + l4, 2);
-    else
-        bpf_skb_load_bytes(skb, l4, &sport_be, 2);
-    return sport_be;
-}
-
 static __always_inline void emit(void *ctx, struct ea_connect_event *ev)
 {
-#ifdef EA_USE_RINGBUF
-    if (events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+    if (submit_event(ctx, ev) != 0)
         count_stat(EA_STAT_EVENTS_LOST);
-#else
-    if (events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
-        count_stat(EA_STAT_EVENTS_LOST);
-#endif
 }
-
-#ifdef EA_TASK_COMM
-/* The bytes of a name word up to its first NUL, the rest zero; `more`: set
- * to 0 once a NUL is found. The lowest byte flagged by the zero-byte test is
- * the first NUL (a borrow only runs upward from it). */
-static __always_inline u64 name_word(u64 word, u64 *more)
-{
-    u64 nul = (word - 0x0101010101010101ULL) & ~word & 0x8080808080808080ULL;
-    u64 keep = nul ? ((nul & -nul) >> 7) - 1 : ~0ULL;
-    word &= keep & *more;
-    if (nul)
-        *more = 0;
-    return word;
-}
-
-/* A task's 16 name bytes as bpf_get_current_comm gives them: up to 15 bytes
- * to the first NUL, zero after (the kernel pads names with zeros when it
- * sets them, but the flow key must not depend on that). */
-static __always_inline void task_name(u64 head, u64 tail, char *comm)
-{
-    u64 more = ~0ULL;
-    head = name_word(head, &more);
-    tail = name_word(tail, &more) & 0x00FFFFFFFFFFFFFFULL;
-    __builtin_memcpy(&comm[0], &head, 8);
-    __builtin_memcpy(&comm[8], &tail, 8);
-}
-#endif
 
 /* Who is connecting, from the current task: valid in process context only.
  * The flow key holds the uid and the name; the rest is read only for the
@@ -248,39 +92,6 @@ static __always_inline u64 repeat_time(int coarse)
 }
 
 #ifdef EA_COUNT_LINES
-/* The key's fingerprint: two NH sums (Toeplitz: the second takes the keys
- * two words on) under 12 random 32-bit keys drawn at each start. NH is
- * 2^-32-almost-universal, so two distinct flow keys share both sums with
- * probability 2^-64 whatever the processes that name flows (comm) choose,
- * as long as they cannot read the keys; at about a third of SipHash's cost
- * here, which took most of what the count lines save. */
-static __always_inline u64 nh_pair(u32 a, u32 b, u32 ka, u32 kb)
-{
-    return (u64)(u32)(a + ka) * (u64)(u32)(b + kb);
-}
-
-struct ea_fingerprint {
-    u64 fp;
-    u64 fp2;
-};
-
-static __always_inline struct ea_fingerprint flow_fingerprint(const struct ea_flow_key *key)
-{
-    u32 m[10];
-    _Static_assert(sizeof(*key) == sizeof(m), "the key is ten 32-bit words");
-    __builtin_memcpy(m, key, sizeof(m));
-    struct ea_fingerprint f;
-    f.fp = nh_pair(m[0], m[1], EA_FP_K0, EA_FP_K1) + nh_pair(m[2], m[3], EA_FP_K2, EA_FP_K3) +
-           nh_pair(m[4], m[5], EA_FP_K4, EA_FP_K5) + nh_pair(m[6], m[7], EA_FP_K6, EA_FP_K7) +
-           nh_pair(m[8], m[9], EA_FP_K8, EA_FP_K9);
-    f.fp2 = nh_pair(m[0], m[1], EA_FP_K2, EA_FP_K3) + nh_pair(m[2], m[3], EA_FP_K4, EA_FP_K5) +
-            nh_pair(m[4], m[5], EA_FP_K6, EA_FP_K7) + nh_pair(m[6], m[7], EA_FP_K8, EA_FP_K9) +
-            nh_pair(m[8], m[9], EA_FP_K10, EA_FP_K11);
-    if (!f.fp)
-        f.fp = 1; /* 0 marks a free slot */
-    return f;
-}
-
 /* 1 if the flow holds a slot in its count line, and the connect is counted there. */
 static __always_inline int count_in_line(struct ea_fingerprint fp, int coarse)
 {
@@ -377,36 +188,3 @@ static __always_inline void record_connect(void *ctx, struct ea_connect_event *e
     count_flow_at(ctx, ev, 1, coarse);
 }
 
-#ifndef EA_DNS_PORT
-#define EA_DNS_PORT 53
-#endif
-
-#ifdef EA_DNS
-/* Sockets that talk to port 53, so their answers can be tied to a process. */
-BPF_TABLE("lru_hash", u64, struct ea_dns_owner, dns_owners, 8192);
-
-static __always_inline void remember_dns_owner(u64 cookie, struct ea_connect_event *ev)
-{
-    struct ea_dns_owner owner = {.pid = ev->pid, .uid = ev->uid};
-    __builtin_memcpy(owner.comm, ev->comm, sizeof(owner.comm));
-    dns_owners.update(&cookie, &owner);
-}
-#endif
-
-#ifdef EA_UDP_SYSCALLS
-/* connect() in flight per thread (syscall path): whether TCP took it. */
-struct ea_pending_connect {
-    struct ea_connect_event ev;
-    u8 is_tcp;
-};
-BPF_HASH(pending_connects, u32, struct ea_pending_connect, 4096);
-
-/* Called by the TCP programs: this thread's connect() is a TCP one. */
-static __always_inline void mark_tcp_connect(void)
-{
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct ea_pending_connect *pending = pending_connects.lookup(&tid);
-    if (pending)
-        pending->is_tcp = 1;
-}
-#endif

@@ -4,10 +4,12 @@
  *   EA_PATH_FENTRY      fentry (BPF trampolines) on the same functions
  *   EA_PATH_CGROUP      the cgroup connect4/6 hooks (cgroup_hooks.bpf.c)
  *   EA_PATH_TRACEPOINT  sock:inet_sock_set_state, CLOSE -> SYN_SENT
- * Output: EA_USE_RINGBUF selects the ring buffer, else a perf buffer.
- * Follows flow_map.bpf.c in one compile unit.
- * Only stable interfaces are read: tracepoint fields, helpers and uapi
- * sockaddr structs, never struct sock (its layout varies by kernel build). */
+ * Follows flow_map.bpf.c and udp_send.bpf.c (mark_tcp_connect) in one
+ * compile unit. Only stable interfaces are read: tracepoint fields, helpers
+ * and uapi sockaddr structs, never struct sock (its layout varies by kernel
+ * build). */
+#include "uapi.bpf.h"
+#include "addr.bpf.h"
 
 #ifdef EA_PATH_TRACEPOINT
 #define EA_TCP_CLOSE 7

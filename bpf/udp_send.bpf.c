@@ -11,8 +11,11 @@
  *                    sendto/sendmsg with an address, and connect() that
  *                    returned 0 without the TCP tracepoint firing in between.
  * Both read only stable interfaces: struct bpf_sock_addr, tracepoint
- * arguments and uapi structs in user memory. */
-
+ * arguments and uapi structs in user memory. Follows flow_map.bpf.c and
+ * dns.bpf.c, and comes before tcp_connect.bpf.c (mark_tcp_connect). */
+#include "uapi.bpf.h"
+#include "addr.bpf.h"
+#include "skb.bpf.h"
 
 #ifdef EA_UDP_CGROUP
 /* Connected UDP sockets that have not sent yet: by the socket's address where
@@ -168,6 +171,22 @@ int udp_recvmsg6(struct bpf_sock_addr *ctx) { return note_peer(ctx, 1); }
 #endif /* EA_UDP_CGROUP */
 
 #ifdef EA_UDP_SYSCALLS
+/* connect() in flight per thread (syscall path): whether TCP took it. */
+struct ea_pending_connect {
+    struct ea_connect_event ev;
+    u8 is_tcp;
+};
+BPF_HASH(pending_connects, u32, struct ea_pending_connect, 4096);
+
+/* Called by the TCP programs: this thread's connect() is a TCP one. */
+static __always_inline void mark_tcp_connect(void)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct ea_pending_connect *pending = pending_connects.lookup(&tid);
+    if (pending)
+        pending->is_tcp = 1;
+}
+
 /* A destination read from a sockaddr in user memory; 0 if not AF_INET{,6}. */
 static __always_inline int read_destination(struct ea_connect_event *ev, const void *uaddr, int len)
 {

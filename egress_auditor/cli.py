@@ -174,8 +174,9 @@ def trace(
     plain = no_live or bool(command) or not console.is_terminal
     display = PlainLog(sys.stderr) if plain else LiveTable(console, table)
     # Before anything looks for the hierarchy or starts a thread: the mount is this thread's view.
-    # Only what uses cgroup v2 gets one: the eBPF input's hooks, and a command's cgroup.
-    wanted = "ebpf" in input_sel.chosen or bool(command)
+    # Only what uses cgroup v2 gets one: the eBPF input's hooks, the netfilter inputs' DNS program,
+    # and a command's cgroup.
+    wanted = bool(command) or any(n == "ebpf" or o.get("dns") == "auto" for n, o in input_sel.chosen.items())
     with cgroup2_where_hidden() if wanted else contextlib.nullcontext() as mounted:
         if mounted is not None:
             print(

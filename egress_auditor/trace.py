@@ -2,9 +2,11 @@
 display; owns signals and the clock; always ends with the rules on stdout.
 
 Each turn of the loop polls the inputs (connections are only queued), then
-applies the process lineage the kernel wrote meanwhile, then attributes the
-queued connections: an exec that happened before a connect is always known
-by the time that connect is attributed.
+applies the process lineage the kernel wrote meanwhile, then passes the
+queued connections through the enrichers (enrich.py: the command's filter,
+the process, the DNS name): an exec that happened before a connect is always
+known by the time that connect is attributed, and so is a DNS answer read in
+the same poll.
 
 With a command (`trace -- CMD`), only connections from the command's cgroup
 are recorded, the run ends when the command exits, and its exit status is
@@ -36,7 +38,9 @@ from egress_auditor import host
 from egress_auditor.capture import Capture, merge_flows
 from egress_auditor.cgroups import CgroupResolver
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
+from egress_auditor.dns import DnsNames
 from egress_auditor.drift import EXIT_DRIFT, DriftWatch
+from egress_auditor.enrich import CommandFilter, DnsNaming, Enricher, Enrichment, ProcessDetail
 from egress_auditor.escape import terminal_text
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs import Input, InputStats
@@ -44,7 +48,6 @@ from egress_auditor.live import Display
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
 from egress_auditor.outputs import Output
 from egress_auditor.process import Attributor, ProcessResolver
-from egress_auditor.redact import redact_process
 
 if TYPE_CHECKING:
     from egress_auditor.lineage import LineageTracer
@@ -89,6 +92,7 @@ class TraceRun:
     snapshot_every: float | None = None  # seconds between snapshots (SIGUSR1 asks for one at any time)
     resumed: Capture | None = None  # flows of earlier runs this one carries on from
     summary_every: float | None = None  # seconds between summary lines (a log has no live table)
+    attributor: Attributor | None = None  # who made a connection: by default the lineage, /proc, cgroups
 
     def __post_init__(self) -> None:
         self._stop_reason: str | None = None
@@ -98,13 +102,18 @@ class TraceRun:
         self._output_errors: dict[str, str] = {}
         self._started = time.time()
         self._queued: list[Connection] = []
-        self._outside = 0  # connections from outside the command's cgroup, not recorded
         self._stop_requests = 0
         self._term_sent: float | None = None
         self._exit_status = 0
         self._everything: list[Flow] = []  # every flow of the last view, resumed runs' included
         self._drifted: list[Flow] = []  # of those, what the baseline does not cover
-        self.attributor = Attributor(None, self.resolver, self.cgroups)
+        if self.attributor is None:
+            self.attributor = Attributor(None, self.resolver, self.cgroups)
+        self.names = DnsNames()  # fed by the inputs that read DNS answers
+        self._command_filter = CommandFilter(self.command, self.cgroups) if self.command is not None else None
+        enrichers: list[Enricher] = [self._command_filter] if self._command_filter is not None else []
+        enrichers += [ProcessDetail(self.attributor, self.redact), DnsNaming(self.names)]
+        self.enrichment = Enrichment(enrichers)
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -146,12 +155,10 @@ class TraceRun:
                 self.command.send(info.si_signo)
 
     # -- events --------------------------------------------------------------
-    def _receive(self, conn: Connection) -> None:
-        if self.command is not None and not self.command.owns(conn.cgroup_id, self.cgroups):
-            self._outside += conn.repeats
+    def _receive(self, received: Connection) -> None:
+        conn = self.enrichment.enrich(received)
+        if conn is None:
             return
-        process = self.attributor.attribute(conn)
-        conn = dataclasses.replace(conn, process=redact_process(process) if self.redact else process)
         flow, is_new = self.table.add(conn)
         if flow is None:  # past twice the flow cap: counted, and the rules' header says so
             return
@@ -160,6 +167,9 @@ class TraceRun:
         if is_new and self.drift is not None and not self.drift.covers(flow):
             for sink in (*self.outputs, self.display):
                 self._deliver(sink, lambda s: s.drift(conn, flow))
+
+    def _outside(self) -> int:
+        return self._command_filter.outside if self._command_filter is not None else 0
 
     def _deliver(self, sink: Output | Display, call: Callable[[Any], None]) -> None:
         name = sink.name
@@ -239,6 +249,7 @@ class TraceRun:
                     # Inputs that can filter in the kernel keep the command's flows apart from the host's.
                     source.restrict_to_cgroup(cgroup.id, cgroup.depth)
             for source in self.inputs:
+                source.learn_names(self.names)
                 self._attach.append(f"{source.name}: {source.open()}")
                 print(
                     f"egress-auditor: {source.name} input attached: {self._attach[-1].split(': ', 1)[1]}",
@@ -286,6 +297,7 @@ class TraceRun:
             print(f"egress-auditor: process lineage unavailable ({exc}): reading /proc instead", file=self.stderr)
             self.lineage = None
             return
+        assert self.attributor is not None  # made in __post_init__
         self.attributor.lineage = self.lineage.table
         self._attach.append(f"lineage: {what}")
         print(f"egress-auditor: process lineage attached: {what}", file=self.stderr)
@@ -472,7 +484,7 @@ class TraceRun:
             self._stop_reason or "", self._stop_reason or "stopped"
         )
         if self.command is not None:
-            reason += f", exit status {self._exit_status}; {self._outside} connections from outside it not recorded"
+            reason += f", exit status {self._exit_status}; {self._outside()} connections from outside it not recorded"
         if self.resumed is not None:
             reason += f"; with {len(self.resumed.flows)} flows of {self.resumed.runs} earlier run(s) resumed"
         print(

@@ -1,5 +1,5 @@
 """The count lines' fingerprint of a flow map key (struct ea_flow_key), computed in Python as
-bpf/flow_map.bpf.c's flow_fingerprint should: two NH sums over the key's ten 32-bit words,
+bpf/fingerprint.bpf.h's flow_fingerprint should: two NH sums over the key's ten 32-bit words,
 the second with the keys two words on. A reference for the tests, not used by the product."""
 
 from __future__ import annotations

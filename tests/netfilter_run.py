@@ -94,6 +94,11 @@ class Auditor:
         assert self.proc.stdout is not None
         self.stdout = self.proc.stdout.read()
 
+    @property
+    def attach_line(self) -> str:
+        """The input's start-up line (a note on the cgroup v2 mount may come before it)."""
+        return next((line for line in self.stderr if " input attached: " in line), "")
+
     def wait_running(self) -> None:
         deadline = time.monotonic() + STARTUP_S
         while not self._running.wait(0.1):

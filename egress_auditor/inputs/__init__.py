@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from egress_auditor.model import Connection, FlowKey
+
+if TYPE_CHECKING:
+    from egress_auditor.dns import DnsNames
 
 Emit = Callable[[Connection], None]
 OnCount = Callable[[FlowKey, int, float], None]
@@ -48,6 +51,11 @@ class Input(Protocol):
         """Before open(): keep only connections from this cgroup and below (trace -- CMD)."""
         ...
 
+    def learn_names(self, names: DnsNames) -> None:
+        """Before open(): the run's DNS name cache, for an input that reads DNS answers to feed.
+        Inputs never name connections themselves: the run does (enrich.py)."""
+        ...
+
 
 class InputBase:
     """Defaults for an input's optional methods."""
@@ -59,3 +67,6 @@ class InputBase:
 
     def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
         """No filter in the kernel: the run drops connections from outside the command's cgroup itself."""
+
+    def learn_names(self, names: DnsNames) -> None:
+        """No DNS answers read here."""

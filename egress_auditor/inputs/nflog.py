@@ -14,7 +14,14 @@ import errno
 from typing import Any
 
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NflogGroup
-from egress_auditor.netfilter.source import NetfilterInput, Received, can_admin_network, rcvbuf_option, setup_option
+from egress_auditor.netfilter.source import (
+    NetfilterInput,
+    Received,
+    can_admin_network,
+    dns_option,
+    rcvbuf_option,
+    setup_option,
+)
 from egress_auditor.plugins import Option, Plugin
 
 
@@ -76,6 +83,7 @@ PLUGIN = Plugin(
                valid="a group number from 0 to 65535"),
         setup_option("nflog"),
         rcvbuf_option("4194304"),
+        dns_option(),
     ),
     example="-i nflog -I nflog:group:100 -I nflog:setup:auto",
 )  # fmt: skip

@@ -13,7 +13,14 @@ import errno
 from typing import Any
 
 from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NfQueue
-from egress_auditor.netfilter.source import NetfilterInput, Received, can_admin_network, rcvbuf_option, setup_option
+from egress_auditor.netfilter.source import (
+    NetfilterInput,
+    Received,
+    can_admin_network,
+    dns_option,
+    rcvbuf_option,
+    setup_option,
+)
 from egress_auditor.plugins import Option, Plugin, positive_int
 
 
@@ -90,6 +97,7 @@ PLUGIN = Plugin(
         rcvbuf_option("4194304"),
         Option("maxlen", "packets the kernel holds for the queue; when full they pass unseen (fail-open)", "256",
                convert=positive_int, valid="a positive whole number"),
+        dns_option(),
     ),
     example="-i nfqueue -I nfqueue:setup:auto",
 )  # fmt: skip

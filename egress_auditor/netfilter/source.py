@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from egress_auditor import host
 from egress_auditor.errors import AuditorError
@@ -25,6 +25,10 @@ from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError
 from egress_auditor.netfilter.rules import Firewall, Owner, Target
 from egress_auditor.plugins import Option
 from egress_auditor.sockets import SocketTable
+
+if TYPE_CHECKING:
+    from egress_auditor.dns import DnsNames
+    from egress_auditor.inputs.ebpf.dns_answers import DnsAnswers
 
 UNKNOWN = "unknown"  # the name of a process whose socket was gone before it could be matched
 MAX_BACKLOG = 16384  # datagrams waiting for poll(); beyond that they are dropped (sequence gaps count them)
@@ -79,6 +83,16 @@ def rcvbuf_option(default: str) -> Option:
     )
 
 
+def dns_option() -> Option:
+    return Option(
+        "dns",
+        "auto: names behind addresses from the DNS answers the host receives, read by the eBPF input's "
+        "DNS program loaded alone (cgroup v2, ring buffer and BCC), else a one-line note; off: addresses only",
+        "auto",
+        ("auto", "off"),
+    )
+
+
 class LossCounter:
     """Sequence numbers that should run without gaps: each gap is messages the kernel could not deliver."""
 
@@ -119,6 +133,8 @@ class NetfilterInput(InputBase):
         self._thread: threading.Thread | None = None
         self._reader_error: BaseException | None = None
         self._closed = False
+        self._names: DnsNames | None = None  # the run's name cache (learn_names)
+        self._dns: DnsAnswers | None = None
 
     @property
     def number(self) -> int:
@@ -163,9 +179,26 @@ class NetfilterInput(InputBase):
             parts.insert(1, self.firewall.install(self.options["setup"]))
         else:
             parts.append(f"setup:none, rules are yours, e.g. {self.manual_hint()}")
+        if self._names is not None and self.options.get("dns", "off") == "auto":
+            parts.append(self._open_dns(self._names))
         self._thread = threading.Thread(target=self._read_loop, name=f"{self.kind}-reader", daemon=True)
         self._thread.start()
         return "; ".join(parts)
+
+    def learn_names(self, names: DnsNames) -> None:
+        self._names = names
+
+    def _open_dns(self, names: DnsNames) -> str:
+        """The DNS program alone, feeding the run's names; where it cannot run, a note and no names."""
+        from egress_auditor.inputs.ebpf.dns_answers import DnsAnswers  # BCC only where names are wanted
+
+        answers = DnsAnswers(names)
+        try:
+            described = answers.open()
+        except AuditorError as exc:
+            return f"no DNS names: {exc}"
+        self._dns = answers
+        return described
 
     def bind_problem(self, exc: NetlinkError) -> str:
         return f"could not bind {self.kind} {self.number}: {exc.strerror}"
@@ -201,6 +234,8 @@ class NetfilterInput(InputBase):
         if self._reader_error is not None:
             error, self._reader_error = self._reader_error, None
             raise AuditorError(f"{self.kind} reader stopped: {error}") from error
+        if self._dns is not None:
+            self._dns.poll()  # the answers that led to these packets were received before they left
         starts: list[tuple[Received, packets.Packet]] = []
         for item in (r for at, datagram in batch for r in self.decode(at, datagram)):
             self.losses.see(item.seq)
@@ -259,7 +294,8 @@ class NetfilterInput(InputBase):
         raise NotImplementedError
 
     def stats(self) -> InputStats:
-        return InputStats(connects=self.connects, events_lost=self.lost())
+        dns_lost = self._dns.lost() if self._dns is not None else 0
+        return InputStats(connects=self.connects, events_lost=self.lost() + dns_lost)
 
     def close(self) -> None:
         """Rules first (nothing new arrives), then the reader (NFQUEUE accepts what is queued), then the socket."""
@@ -276,5 +312,8 @@ class NetfilterInput(InputBase):
         if self._thread is not None:
             self._thread.join(timeout=5 * READ_WAIT_S)
         self.release()
+        if self._dns is not None:
+            self._dns.close()
+            self._dns = None
         if problems:
             raise AuditorError("; ".join(problems))

@@ -54,7 +54,7 @@ def test_the_go_tools_way_a_users_rule_and_a_group(served: Link, auditors: list[
     assert auditor.stop() == 0
     assert re.search(rf"(?m)^iptables -I OUTPUT \d+ -d {served.b4}/32 -p tcp -m tcp --dport {PORT} ", auditor.stdout)
     assert re.search(rf"(?m)^ip6tables -I OUTPUT \d+ -d {served.b6}/128 -p tcp -m tcp --dport {PORT} ", auditor.stdout)
-    assert "setup:none, rules are yours" in auditor.stderr[0]
+    assert "setup:none, rules are yours" in auditor.attach_line
     # setup:none leaves the user's rules as they were
     assert "NFLOG --nflog-group 100" in ns.run(["iptables", "-S", "OUTPUT"]).stdout
     assert summary_numbers(auditor.stderr)[2] == 0
@@ -68,7 +68,7 @@ def test_setup_auto_installs_tagged_rules_and_sigterm_removes_them(served: Link,
     assert all(f"pid={auditor.proc.pid} " in r and "--nflog-group 7" in r for r in rules), rules
     assert sum("--tcp-flags FIN,SYN,RST,ACK SYN" in r for r in rules) == 2, rules
     assert sum("-p udp" in r for r in rules) == 2, rules
-    assert "rules in iptables/ip6tables mangle OUTPUT (NFLOG group 7)" in auditor.stderr[0]
+    assert "rules in iptables/ip6tables mangle OUTPUT (NFLOG group 7)" in auditor.attach_line
     assert curl(ns, f"http://[{served.b6}]:{PORT}/") == 0
     ns.run([sys.executable, "-c", "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
             f".sendto(b'q', ('{served.b4}', 5353))"])  # fmt: skip
@@ -98,7 +98,7 @@ def test_auto_follows_a_host_that_writes_nft_itself(served: Link, auditors: list
     ns.run(["nft", "add", "table", "inet", "filter"])
     ns.run(["nft", "add", "chain", "inet", "filter", "output", "{ type filter hook output priority 0; }"])
     auditor = start(auditors, ns, "-I", "nflog:setup:auto")
-    assert "rules in nft table inet egress_auditor_nflog_" in auditor.stderr[0], auditor.stderr
+    assert "rules in nft table inet egress_auditor_nflog_" in auditor.attach_line, auditor.stderr
     assert tagged_iptables(ns) == []
     assert curl(ns, f"http://{served.b4}:{PORT}/") == 0
     auditor.wait_line(flow_line(served.b4, PORT))
@@ -114,7 +114,7 @@ def test_a_killed_runs_rules_are_removed_by_the_next_run(served: Link, auditors:
     left = tagged_iptables(ns)
     assert len(left) == 4 and all(f"pid={killed.proc.pid} " in r for r in left), left
     nextrun = start(auditors, ns, "-I", "nflog:setup:auto")
-    assert f"removed 4 rule(s) left by killed run(s) (pid {killed.proc.pid})" in nextrun.stderr[0], nextrun.stderr
+    assert f"removed 4 rule(s) left by killed run(s) (pid {killed.proc.pid})" in nextrun.attach_line, nextrun.stderr
     now = tagged_iptables(ns)
     assert len(now) == 4 and all(f"pid={nextrun.proc.pid} " in r for r in now), now
     assert nextrun.stop() == 0

@@ -54,7 +54,7 @@ def test_new_connections_are_seen_and_accepted(served: Link, auditors: list[Audi
     rules = tagged_iptables(ns)
     assert len(rules) == 4, rules
     assert all("-j NFQUEUE --queue-num 5 --queue-bypass" in r for r in rules), rules
-    assert "fail-open, every packet accepted" in auditor.stderr[0]
+    assert "fail-open, every packet accepted" in auditor.attach_line
     assert curl(ns, f"http://{served.b4}:{PORT}/", *NOBODY) == 0
     assert curl(ns, f"http://[{served.b6}]:{PORT}/") == 0
     assert auditor.wait_line(flow_line(served.b4, PORT)).endswith("user nobody)")  # NFQA_UID
@@ -84,7 +84,7 @@ def test_sigkill_during_a_stream_of_connections_loses_none(served: Link, auditor
     assert len(tagged_iptables(ns)) == 4
     assert queued_packets(ns) >= count
     nextrun = start(auditors, ns, "-I", "nfqueue:setup:auto")
-    assert f"(pid {auditor.proc.pid})" in nextrun.stderr[0], nextrun.stderr
+    assert f"(pid {auditor.proc.pid})" in nextrun.attach_line, nextrun.stderr
     assert nextrun.stop() == 0
     assert tagged_iptables(ns) == []
 
@@ -103,7 +103,7 @@ def test_a_users_own_queue_rule(served: Link, auditors: list[Auditor]) -> None:
     ns.run(["ip6tables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--syn", "-j", "NFQUEUE",
             "--queue-num", "7", "--queue-bypass"])  # fmt: skip
     auditor = start(auditors, ns, "-I", "nfqueue:queue:7")
-    assert "setup:none, rules are yours" in auditor.stderr[0]
+    assert "setup:none, rules are yours" in auditor.attach_line
     assert curl(ns, f"http://[{served.b6}]:{PORT}/") == 0
     auditor.wait_line(flow_line(served.b6, PORT))
     assert auditor.stop() == 0
@@ -115,7 +115,7 @@ def test_auto_on_a_host_that_writes_nft(served: Link, auditors: list[Auditor]) -
     ns = served.a
     ns.run(["nft", "add", "table", "inet", "filter"])
     auditor = start(auditors, ns, "-I", "nfqueue:setup:auto")
-    attached = auditor.stderr[0]
+    attached = auditor.attach_line
     if "nft table" in attached:
         assert len(nft_tables(ns)) == 1 and "queue num 100 bypass" in ns.run(["nft", "list", "ruleset"]).stdout
     else:

@@ -94,7 +94,7 @@ def test_the_name_is_cut_at_its_first_nul_and_zero_after_it_whatever_follows() -
     from bcc import BPF
 
     src = bpf_source_dir()
-    text = (src / "flow_map.bpf.c").read_text() + NAME_TEST_PROGRAM
+    text = '#include "task_name.bpf.h"\n' + NAME_TEST_PROGRAM
     bpf = BPF(text=text, cflags=[f"-I{src}", "-DEA_USE_RINGBUF", *task_fields_or_fail().cflags()])
     try:
         fn = bpf.load_func(b"name_test", BPF.RAW_TRACEPOINT)

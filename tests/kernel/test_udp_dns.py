@@ -22,6 +22,7 @@ from dnsserver import RAW_QUERY, dnsmasq, hostile_dns, resolv_conf
 from netns import Link, http_server
 
 from egress_auditor import host
+from egress_auditor.enrich import DnsNaming
 from egress_auditor.escape import rule_comment, terminal_text
 from egress_auditor.flows import FlowTable
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput
@@ -68,14 +69,17 @@ while True:
 
 
 class Collector:
-    """Connections from an input, kernel counts folded in, as the trace run does."""
+    """Connections from an input, kernel counts folded in and named, as the trace run does."""
 
     def __init__(self, source: EbpfInput) -> None:
         self.source = source
         self.table = FlowTable()
         self.events: list[Connection] = []
+        self.naming = DnsNaming(source.names)
 
-    def _take(self, conn: Connection) -> None:
+    def _take(self, received: Connection) -> None:
+        conn = self.naming.enrich(received)
+        assert conn is not None
         self.events.append(conn)
         self.table.add(conn)
 

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from egress_auditor.capture import read_captures
+from egress_auditor.inputs import InputBase
 from egress_auditor.live import PlainLog
 from egress_auditor.plugins import select
 from egress_auditor.redact import redact_cmdline, redact_process
@@ -108,7 +109,7 @@ def test_parents_are_redacted_and_clean_processes_kept_as_they_are() -> None:
     assert redact_process(clean) is clean
 
 
-class OneShot:
+class OneShot(InputBase):
     """An input that hands over the given connections at its first poll (stands in for the kernel)."""
 
     name = "scripted"
@@ -166,8 +167,8 @@ def trace_with_secrets(tmp_path: Path, redact: bool) -> tuple[str, Path]:
         stdout=stdout,
         stderr=stderr,
         redact=redact,
+        attributor=Known(),  # type: ignore[arg-type]
     )
-    run.attributor = Known()  # type: ignore[assignment]
     assert run.run() == 0
     return stdout.getvalue() + stderr.getvalue(), path
 

@@ -30,7 +30,7 @@ from flowdata import CURL, NTP, START, WGET, conn, summary
 
 from egress_auditor.capture import read_captures, read_resume
 from egress_auditor.flows import FlowTable, flow_key
-from egress_auditor.inputs import InputStats
+from egress_auditor.inputs import InputBase, InputStats
 from egress_auditor.live import PlainLog
 from egress_auditor.model import Connection, Transport
 from egress_auditor.plugins import select
@@ -42,7 +42,7 @@ B = conn(WGET, "192.0.2.11", 80, START + 2)
 C = conn(NTP, "203.0.113.5", 123, START + 3, protocol=Transport.UDP)
 
 
-class Script:
+class Script(InputBase):
     """Does each step once its time (seconds after open) has come: emit connections, or call a function;
     syncs report the kernel counts set so far."""
 
@@ -96,9 +96,9 @@ def run(script: Script, outputs: list[str], options: list[str], seconds: float, 
         duration=seconds,
         stdout=stdout,
         stderr=stderr,
+        attributor=Known(),  # type: ignore[arg-type]
         **kwargs,
     )
-    trace.attributor = Known()  # type: ignore[assignment]
     status = trace.run()
     return status, stdout.getvalue(), stderr.getvalue()
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from flowdata import START, conn, proc
 
-from egress_auditor.inputs import InputStats
+from egress_auditor.inputs import InputBase, InputStats
 from egress_auditor.live import LiveTable, PlainLog
 from egress_auditor.trace import TraceRun, time_span
 
@@ -23,7 +23,7 @@ LINE = re.compile(
 )
 
 
-class ScriptedInput:
+class ScriptedInput(InputBase):
     """Three connects of two flows at the first poll; the kernel counted five, and lost two events."""
 
     name = "scripted"

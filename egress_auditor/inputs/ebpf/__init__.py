@@ -1,6 +1,7 @@
 """The eBPF input, one concern a module: `plan` (where to attach, from what the host
 offers), `build` (the BPF object and its flags), `decode` (kernel records into the
-event model), `maps` (reading the flow map), `source` (the input itself)."""
+event model), `maps` (reading the flow map), `source` (the input itself); `dns_answers` (the DNS
+program alone, for the netfilter inputs)."""
 
 from egress_auditor.inputs.ebpf.build import (
     bpf_source_dir,

@@ -8,13 +8,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from egress_auditor import host
 from egress_auditor.compiler import warning_flags
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs.count_lines import LINE_MUL, line_bits
 from egress_auditor.inputs.ebpf.plan import AttachPlan
 from egress_auditor.inputs.task_fields import task_fields
 
+# bpf(2) command and flag for cgroup programs (uapi/linux/bpf.h).
+_BPF_LINK_CREATE = 28
+_BPF_F_ALLOW_MULTI = 2
+
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+# Before every program: where events leave (the one choice of ring or perf buffer), then the flow map.
+SHARED_PIECES = ("output.bpf.c", "flow_map.bpf.c")
 
 
 def bpf_source_dir() -> Path:
@@ -26,13 +33,14 @@ def bpf_source_dir() -> Path:
 
 
 def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
-    """One compile unit: the shared flow map first, then each program in use.
+    """One compile unit: the event output and the shared flow map first, then each program in use.
 
     BCC rewrites map calls and builds tracepoint argument structs only in its
-    main text, so the pieces are joined, not #included.
+    main text, so the pieces that use maps are joined, not #included; the
+    map-free helpers are headers they #include (bpf/*.bpf.h).
     """
     src = src or bpf_source_dir()
-    parts = [f'#line 1 "{name}"\n' + (src / name).read_text() for name in ("flow_map.bpf.c", *pieces)]
+    parts = [f'#line 1 "{name}"\n' + (src / name).read_text() for name in (*SHARED_PIECES, *pieces)]
     return "\n".join(parts).encode()
 
 
@@ -79,3 +87,34 @@ def load(plan: AttachPlan, text: str, cflags: list[str]) -> Any:
         built.cleanup()
         raise
     return built
+
+
+def attach_cgroup(
+    built: Any, cgroup_fd: int, programs: tuple[tuple[str, str, str], ...]
+) -> tuple[list[int], list[tuple[Any, int, int]]]:
+    """Attach at the cgroup v2 root through BPF links (5.7+: closing them detaches, even on SIGKILL),
+    beside any programs already there; without links, with BPF_F_ALLOW_MULTI. Returns the link fds
+    and the (fn, cgroup fd, type) of programs attached without one (detach_cgroup undoes both)."""
+    from bcc import BPF, BPFAttachType
+
+    links: list[int] = []
+    legacy: list[tuple[Any, int, int]] = []
+    for function, prog_type, attach_name in programs:
+        attach_type = getattr(BPFAttachType, attach_name)
+        fn = built.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
+        try:
+            links.append(host.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, cgroup_fd, attach_type, 0]))
+        except OSError:
+            BPF.attach_func(fn, cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
+            legacy.append((fn, cgroup_fd, attach_type))
+    return links, legacy
+
+
+def detach_cgroup(links: list[int], legacy: list[tuple[Any, int, int]]) -> None:
+    for link in links:
+        os.close(link)
+    if legacy:
+        from bcc import BPF
+
+        for fn, cgroup_fd, attach_type in legacy:
+            BPF.detach_func(fn, cgroup_fd, attach_type)

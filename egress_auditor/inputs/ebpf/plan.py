@@ -73,10 +73,11 @@ class AttachPlan:
         return " + ".join([*dict.fromkeys(paths), *(("DNS",) if self.dns else ())])
 
     def pieces(self) -> tuple[str, ...]:
+        """The programs in use, each after the pieces whose maps and helpers it calls."""
         return (
-            "tcp_connect.bpf.c",
-            *(("udp_send.bpf.c",) if self.udp != "off" else ()),
             *(("dns.bpf.c",) if self.dns else ()),
+            *(("udp_send.bpf.c",) if self.udp != "off" else ()),
+            "tcp_connect.bpf.c",
             *(("cgroup_hooks.bpf.c",) if self.cgroup_programs() else ()),
         )
 

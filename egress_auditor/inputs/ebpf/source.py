@@ -42,9 +42,6 @@ RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be coun
 # Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
 MAX_FLOWS_LIMIT = 1 << 24
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
-# bpf(2) command and flag for cgroup programs (uapi/linux/bpf.h).
-_BPF_LINK_CREATE = 28
-_BPF_F_ALLOW_MULTI = 2
 
 
 class EbpfInput:
@@ -54,7 +51,7 @@ class EbpfInput:
         self.options = options
         self.bpf: Any = None
         self.plan: AttachPlan | None = None
-        self.names = DnsNames()
+        self.names = DnsNames()  # the DNS answers read are learned here: the run names connections (enrich.py)
         # Flow map keys (raw bytes) whose event arrived since the last sync, and in the
         # interval before: only flows that new can still lack their event, so older
         # keys are dropped instead of held for the whole run.
@@ -166,25 +163,20 @@ class EbpfInput:
         """The count lines in use, if any (none on kernels without the ring buffer, or when turned off)."""
         return self._lines
 
+    def learn_names(self, names: DnsNames) -> None:
+        """Before open(): feed the DNS answers read into the run's name cache."""
+        self.names = names
+
     def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
         """Before open(): count only connects from this cgroup v2 and below it (trace -- CMD)."""
         self._command_cgroup = (cgroup_id, depth)
 
     def _attach_cgroup(self, programs: tuple[tuple[str, str, str], ...]) -> None:
-        """Attach at the cgroup v2 root through BPF links (5.7+), beside any
-        programs already there; without links, with BPF_F_ALLOW_MULTI."""
-        from bcc import BPF, BPFAttachType
-
         assert self.plan is not None and self.plan.cgroup_root is not None
         self._cgroup_fd = os.open(self.plan.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
-        for function, prog_type, attach_name in programs:
-            attach_type = getattr(BPFAttachType, attach_name)
-            fn = self.bpf.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
-            try:
-                self._links.append(host.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, self._cgroup_fd, attach_type, 0]))
-            except OSError:
-                BPF.attach_func(fn, self._cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
-                self._legacy_attached.append((fn, self._cgroup_fd, attach_type))
+        links, legacy = build.attach_cgroup(self.bpf, self._cgroup_fd, programs)
+        self._links += links
+        self._legacy_attached += legacy
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         event = self.bpf["events"].event(data)
@@ -233,12 +225,6 @@ class EbpfInput:
             cgroup_id=event.cgroup_id,
         )
 
-    def _named(self, conn: Connection) -> Connection:
-        # Named after the poll: a DNS answer and the connect it led to may
-        # arrive in either order within one poll of the two ring buffers.
-        name = self.names.name_for(conn.dst, conn.pid, conn.time)
-        return dataclasses.replace(conn, hostname=name) if name else conn
-
     def poll(self, timeout_s: float, emit: Emit) -> None:
         if self.plan is None or self.bpf is None:
             return
@@ -255,7 +241,7 @@ class EbpfInput:
             self.bpf.perf_buffer_poll(ms)
         pending, self._pending = self._pending, []
         for conn in pending:
-            emit(self._named(conn))
+            emit(conn)
 
     def _drain(self, cutoff_ns: int, emit: Emit) -> None:
         """Emit every event written before cutoff_ns, a batch at a time."""
@@ -291,22 +277,20 @@ class EbpfInput:
             flow = self._flow_key(raw)
             if recover and window <= first_ns < cutoff and not any(raw in keys for keys in announced):
                 emit(
-                    self._named(
-                        Connection(
-                            time=first_ns / 1e9 + self._epoch_offset,
-                            protocol=flow.protocol,
-                            family=flow.family,
-                            src=None,
-                            sport=0,
-                            dst=flow.dst,
-                            dport=flow.dport,
-                            pid=0,
-                            uid=flow.uid,
-                            gid=-1,
-                            comm=flow.comm,
-                            input=self.name,
-                            process=Process(pid=0, name=flow.comm, uid=flow.uid),
-                        )
+                    Connection(
+                        time=first_ns / 1e9 + self._epoch_offset,
+                        protocol=flow.protocol,
+                        family=flow.family,
+                        src=None,
+                        sport=0,
+                        dst=flow.dst,
+                        dport=flow.dport,
+                        pid=0,
+                        uid=flow.uid,
+                        gid=-1,
+                        comm=flow.comm,
+                        input=self.name,
+                        process=Process(pid=0, name=flow.comm, uid=flow.uid),
                     )
                 )
             # A flow that repeats gets a slot in its count line: its later repeats are counted there.
@@ -351,15 +335,8 @@ class EbpfInput:
         )
 
     def close(self) -> None:
-        for link in self._links:
-            os.close(link)
-        self._links = []
-        if self._legacy_attached:
-            from bcc import BPF
-
-            for fn, cgroup_fd, attach_type in self._legacy_attached:
-                BPF.detach_func(fn, cgroup_fd, attach_type)
-            self._legacy_attached = []
+        build.detach_cgroup(self._links, self._legacy_attached)
+        self._links, self._legacy_attached = [], []
         if self._cgroup_fd is not None:
             os.close(self._cgroup_fd)
             self._cgroup_fd = None
