@@ -37,8 +37,16 @@ class FlowTable:
         self._connects += conn.repeats
         return flow, is_new
 
+    def add_kernel_count(self, key: FlowKey, added: int, last_seen: float) -> None:
+        """Add connects the kernel counted for a flow beyond those its events carried."""
+        flow = self._flows.get(key)
+        if flow is not None:
+            flow.count += added
+            self._connects += added
+            flow.last_seen = max(flow.last_seen, last_seen)
+
     def set_kernel_count(self, key: FlowKey, count: int, last_seen: float) -> None:
-        """Fold the count the kernel keeps for a flow (it only grows)."""
+        """Fold a flow's whole count as a saved capture gives it (it only grows)."""
         flow = self._flows.get(key)
         if flow is not None and count > flow.count:
             self._connects += count - flow.count

@@ -54,6 +54,7 @@ POLL_S = 0.1
 SYNC_S = 1.0
 SYNC_SHARE = 0.005  # of the time, at most, spent folding kernel counts (CPU taken from the traced work)
 SYNC_MAX_S = 10.0  # but no longer between syncs: counts shown stay this fresh
+# Sooner when an input's kernel map is filling (sync_due): a burst of new flows is drained in time.
 
 STATUS_S = 0.25  # the status reads kernel counters: as often as the live table redraws, no more
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
@@ -173,8 +174,8 @@ class TraceRun:
         for sink in self.outputs:
             self._deliver(sink, lambda s: s.reopen())
 
-    def _on_count(self, key: FlowKey, count: int, last_seen: float) -> None:
-        self.table.set_kernel_count(key, count, last_seen)
+    def _on_count(self, key: FlowKey, added: int, last_seen: float) -> None:
+        self.table.add_kernel_count(key, added, last_seen)
 
     def _sync(self) -> None:
         for source in self.inputs:
@@ -330,7 +331,7 @@ class TraceRun:
                 if self._end_command("duration"):
                     break
             self._poll(POLL_S / max(1, len(self.inputs)))
-            if time.monotonic() >= next_sync:
+            if time.monotonic() >= next_sync or any(source.sync_due() for source in self.inputs):
                 began = time.monotonic()
                 lost_at_sync = self.stats().events_lost
                 self._sync()

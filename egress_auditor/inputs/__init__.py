@@ -13,7 +13,7 @@ from typing import Protocol
 from egress_auditor.model import Connection, FlowKey
 
 Emit = Callable[[Connection], None]
-OnCount = Callable[[FlowKey, int, float], None]
+OnCount = Callable[[FlowKey, int, float], None]  # (flow, connects added since the last report, last seen)
 
 
 @dataclass
@@ -35,7 +35,12 @@ class Input(Protocol):
         ...
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Report counts kept in the kernel (`on_count`) and flows whose event was lost (`emit`)."""
+        """Report connects counted in the kernel since the last sync (`on_count`) and flows whose
+        event was lost (`emit`)."""
+        ...
+
+    def sync_due(self) -> bool:
+        """Whether a sync is needed now, before the regular one (the kernel's map is filling)."""
         ...
 
     def stats(self) -> InputStats: ...
@@ -56,6 +61,9 @@ class InputBase:
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
         """Nothing to fold: every connection arrives as its own event."""
+
+    def sync_due(self) -> bool:
+        return False
 
     def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
         """No filter in the kernel: the run drops connections from outside the command's cgroup itself."""

@@ -1,5 +1,6 @@
-"""Reading the flow map: every entry in batches of BPF_MAP_LOOKUP_BATCH, into
-buffers kept between syncs, without a ctypes object per entry."""
+"""Reading the flow map: every entry in batches of BPF_MAP_LOOKUP_BATCH (or
+BPF_MAP_LOOKUP_AND_DELETE_BATCH, to empty a generation no program counts in
+any more), into buffers kept between syncs, without a ctypes object per entry."""
 
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ class FlowMapReader:
     def __init__(self) -> None:
         self._batch: tuple[Any, Any] | None = None  # (keys, values) buffers of SYNC_BATCH entries
 
-    def entries(self, table: Any) -> Iterator[tuple[bytes, int, int, int, int, int]]:
+    def entries(self, table: Any, delete: bool = False) -> Iterator[tuple[bytes, int, int, int, int, int]]:
         """(raw key, count, first_ns, last_ns, fingerprint words) of every kernel flow, read in
-        batches (BCC's items() makes two ctypes objects per flow per sync)."""
+        batches (BCC's items() makes two ctypes objects per flow per sync); with `delete`, each
+        entry is deleted as it is read (only exact on a map no program writes to)."""
         leaf = table.Leaf
         offsets = (leaf.count.offset, leaf.first_ns.offset, leaf.last_ns.offset, leaf.fp.offset, leaf.fp2.offset)
         key_size, leaf_size = ctypes.sizeof(table.Key), ctypes.sizeof(leaf)
-        chunks = self._batches(table.map_fd, key_size, leaf_size)
+        chunks = self._batches(table.map_fd, key_size, leaf_size, delete)
         try:
             first = next(chunks, None)
         except OSError:  # kernels before 5.6 have no batch lookup
-            for key, value in table.items():
+            items = table.items()
+            if delete:
+                table.clear()
+            for key, value in items:
                 yield bytes(key), value.count, value.first_ns, value.last_ns, value.fp, value.fp2
             return
         for keys, values, n in itertools.chain((first,) if first else (), chunks):
@@ -38,8 +43,8 @@ class FlowMapReader:
                 count, first_ns, last_ns, fp, fp2 = (_U64.unpack_from(values, base + off)[0] for off in offsets)
                 yield keys[i * key_size : (i + 1) * key_size], count, first_ns, last_ns, fp, fp2
 
-    def _batches(self, fd: int, key_size: int, leaf_size: int) -> Iterator[tuple[bytes, Any, int]]:
-        """BPF_MAP_LOOKUP_BATCH until the map is exhausted: (keys bytes, values buffer, entries)."""
+    def _batches(self, fd: int, key_size: int, leaf_size: int, delete: bool) -> Iterator[tuple[bytes, Any, int]]:
+        """BPF_MAP_LOOKUP(_AND_DELETE)_BATCH until the map is exhausted: (keys bytes, values buffer, entries)."""
         from bcc.libbcc import lib
 
         if self._batch is None:
@@ -53,10 +58,11 @@ class FlowMapReader:
         while True:
             count.value = SYNC_BATCH
             start = None if first else ctypes.byref(token_in)
-            res = lib.bpf_lookup_batch(fd, start, ctypes.byref(token_out), keys, values, ctypes.byref(count))
+            call = lib.bpf_lookup_and_delete_batch if delete else lib.bpf_lookup_batch
+            res = call(fd, start, ctypes.byref(token_out), keys, values, ctypes.byref(count))
             err = ctypes.get_errno()
             if res != 0 and err != errno.ENOENT:
-                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+                raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH: {os.strerror(err)}")
             if count.value:
                 yield keys.raw[: count.value * key_size], values, count.value
             if res != 0:  # ENOENT: every entry has been read

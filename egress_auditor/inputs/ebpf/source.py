@@ -4,8 +4,9 @@ TCP connects (cgroup connect hooks, fentry, kprobes or tracepoint), UDP destinat
 sock_addr hooks or syscall tracepoints) and DNS answers (cgroup_skb ingress). Repeats of
 a flow are counted in the kernel: in the flow map, and once sync() has given
 the flow a slot, in its count line (count_lines.py); only a flow's first
-connect arrives as an event. sync() folds those counts into the flow table
-and recovers any flow whose first event was lost.
+connect in a generation of the flow map arrives as an event. sync() flips the
+generation (generations.py), folds what the old one counted into the flow
+table, recovers any flow whose event was lost, and empties it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,15 @@ from egress_auditor.inputs.ebpf.decode import (
     decode_comm,
     to_address,
 )
+from egress_auditor.inputs.ebpf.generations import MARK_FAMILY, FlowGenerations
 from egress_auditor.inputs.ebpf.maps import FlowMapReader
 from egress_auditor.inputs.ebpf.plan import AttachPlan, plan_attach
 from egress_auditor.model import Connection, Family, FlowKey, Process, Transport
 from egress_auditor.plugins import Option, Plugin, positive_int
 
-RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be counted after its flow
+# A sync is due once the live generation may hold this share of max_flows (new-flow events
+# plus events lost since the flip): it must be drained before it fills, even under a burst.
+SYNC_DUE_SHARE = 0.5
 # Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
 MAX_FLOWS_LIMIT = 1 << 24
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
@@ -55,13 +58,12 @@ class EbpfInput:
         self.bpf: Any = None
         self.plan: AttachPlan | None = None
         self.names = DnsNames()
-        # Flow map keys (raw bytes) whose event arrived since the last sync, and in the
-        # interval before: only flows that new can still lack their event, so older
-        # keys are dropped instead of held for the whole run.
-        self._announced: set[bytes] = set()
-        self._announced_before: set[bytes] = set()
-        self._synced_ns = 0  # CLOCK_MONOTONIC when the last sync began: older kernel flows are folded already
-        self._lost_seen = 0  # events lost as of the last sync
+        self._gens: FlowGenerations | None = None
+        # Per epoch of a generation not yet drained: flow map keys (raw bytes) whose event arrived.
+        # A key of a drained generation missing here lost its event, and is recovered from the map.
+        self._announced: dict[int, set[bytes]] = {}
+        self._drained_epoch = 0  # generations up to this epoch are folded: their late events are dropped
+        self._lost_at_flip = 0  # events lost when the live generation began
         self._ports: dict[int, int] = {}  # one int object per port number, shared by its flows
         self._reader = FlowMapReader()
         self._pending: list[Connection] = []
@@ -107,6 +109,7 @@ class EbpfInput:
             self.bpf = self._build_plan(src, cflags, identity)
             if lines:
                 self._lines = CountLines(self.bpf["count_lines"].map_fd, lines)
+            self._gens = FlowGenerations(self.bpf)
             if self.plan.tcp_hook == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
@@ -189,7 +192,11 @@ class EbpfInput:
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         event = self.bpf["events"].event(data)
         if event.flags != EVENT_MAP_FULL:
-            self._announced.add(self._raw_key(event))
+            if event.epoch <= self._drained_epoch:
+                # Read after its generation was drained (its record was behind one still being
+                # written): the flow was recovered from the map then, with this very connect.
+                return 0
+            self._announced.setdefault(event.epoch, set()).add(self._raw_key(event))
         self._pending.append(self._connection(event))
         self._last_event_ns = event.ts_ns
         # Below zero, libbpf stops reading the ring buffer (this event is kept); perf buffers ignore it.
@@ -265,69 +272,77 @@ class EbpfInput:
             if not self._batch_full or self._last_event_ns >= cutoff_ns:
                 return
 
-    def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Fold kernel counts; a flow whose first event was lost is emitted from the map.
-        Only flows used since the last sync are decoded.
+    def sync_due(self) -> bool:
+        """Whether the live generation may be half full: sync now, before it fills."""
+        if self._gens is None or self.bpf is None:
+            return False
+        live = len(self._announced.get(self._gens.epoch, ()))
+        lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value) - self._lost_at_flip
+        return live + lost >= self.options["max_flows"] * SYNC_DUE_SHARE
 
-        A flow lacks its event only if events were lost since the last sync and the
-        flow is new since then. Events already in the buffers are drained first, up
-        to a cutoff, so one still queued is never taken for lost; flows first seen
-        after the cutoff wait for the next sync, whose window starts RECOVERY_MARGIN_NS
-        before it in case their loss was counted just after the counter was read."""
-        if self.bpf is None:
+    def sync(self, emit: Emit, on_count: OnCount) -> None:
+        """Flip the flow map's generation, then fold what the old one counted: `on_count` gets
+        each flow's connects beyond the one its event (or its recovery here) carried. A flow
+        whose event was lost is emitted from the map. The old generation is emptied as it is
+        read, ready for the next flip.
+
+        The flip returns once no program can count in the old generation any more, so every
+        event counted there is in the buffer or lost: the buffer is read up to the flip first,
+        and a key with no event of its epoch by then lost it."""
+        if self.bpf is None or self._gens is None:
             return
-        since = self._synced_ns
         lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
-        recover, self._lost_seen = lost != self._lost_seen, lost
-        cutoff = self._synced_ns = time.monotonic_ns()
-        self._drain(cutoff, emit)
-        announced = (self._announced, self._announced_before)
-        self._announced_before, self._announced = self._announced, set()
-        window = since - RECOVERY_MARGIN_NS
+        old, epoch = self._gens.flip()
+        self._lost_at_flip = lost
+        self._drain(time.monotonic_ns(), emit)
+        announced = self._announced.pop(epoch, set())
+        self._drained_epoch = epoch
         lines = self._lines
-        for raw, count, first_ns, last_ns, fp, fp2 in self._flow_entries():
-            if last_ns < window:  # folded already, unless counted just before the last cutoff
+        for raw, count, first_ns, last_ns, fp, fp2 in self._reader.entries(old, delete=True):
+            if raw[self._family_at] == MARK_FAMILY:
                 continue
             flow = self._flow_key(raw)
-            if recover and window <= first_ns < cutoff and not any(raw in keys for keys in announced):
-                emit(
-                    self._named(
-                        Connection(
-                            time=first_ns / 1e9 + self._epoch_offset,
-                            protocol=flow.protocol,
-                            family=flow.family,
-                            src=None,
-                            sport=0,
-                            dst=flow.dst,
-                            dport=flow.dport,
-                            pid=0,
-                            uid=flow.uid,
-                            gid=-1,
-                            comm=flow.comm,
-                            input=self.name,
-                            process=Process(pid=0, name=flow.comm, uid=flow.uid),
-                        )
-                    )
-                )
+            if raw not in announced:
+                emit(self._named(self._recovered(flow, first_ns)))
             # A flow that repeats gets a slot in its count line: its later repeats are counted there.
-            if lines is not None and fp and (slot := lines.claim(fp, fp2, raw)) is not None:
-                lines.map_count[slot] = count
-                count += lines.count(slot)
-                last_ns = max(last_ns, lines.last_ns(slot))
-                lines.reported[slot] = count
-            on_count(flow, count, last_ns / 1e9 + self._epoch_offset)
+            if lines is not None and fp and count > 1:
+                lines.claim(fp, fp2, raw)
+            if count > 1:
+                on_count(flow, count - 1, last_ns / 1e9 + self._epoch_offset)
         if lines is not None:
             self._fold_lines(lines, on_count)
 
+    @property
+    def _family_at(self) -> int:
+        return int(self.bpf["flows"].Key.family.offset)
+
+    def _recovered(self, flow: FlowKey, first_ns: int) -> Connection:
+        """A flow whose event was lost, as the map knows it: no process beyond name and uid."""
+        return Connection(
+            time=first_ns / 1e9 + self._epoch_offset,
+            protocol=flow.protocol,
+            family=flow.family,
+            src=None,
+            sport=0,
+            dst=flow.dst,
+            dport=flow.dport,
+            pid=0,
+            uid=flow.uid,
+            gid=-1,
+            comm=flow.comm,
+            input=self.name,
+            process=Process(pid=0, name=flow.comm, uid=flow.uid),
+        )
+
     def _fold_lines(self, lines: CountLines, on_count: OnCount) -> None:
-        """Counts of flows counted in their count lines since the last sync (their flow map entries rest)."""
+        """Connects counted in count lines since the last sync (their flows have left the map)."""
         for slot in lines.claimed:
-            total = lines.map_count[slot] + lines.count(slot)
+            total = lines.count(slot)
             if total != lines.reported[slot]:
-                lines.reported[slot] = total
+                added, lines.reported[slot] = total - lines.reported[slot], total
                 owner = lines.owner[slot]
                 assert owner is not None
-                on_count(self._flow_key(owner), total, lines.last_ns(slot) / 1e9 + self._epoch_offset)
+                on_count(self._flow_key(owner), added, lines.last_ns(slot) / 1e9 + self._epoch_offset)
 
     def _flow_key(self, raw: bytes) -> FlowKey:
         """The flow of a flow map key, as the kernel built it."""
@@ -336,9 +351,6 @@ class EbpfInput:
         dst = to_address(family, key.daddr)
         comm = decode_comm(bytes(key.comm))
         return FlowKey(Transport(key.protocol), family, dst, self._port(key.dport), key.uid, comm)
-
-    def _flow_entries(self) -> Iterator[tuple[bytes, int, int, int, int, int]]:
-        return self._reader.entries(self.bpf["flows"])
 
     def stats(self) -> InputStats:
         if self.bpf is None:
@@ -366,6 +378,7 @@ class EbpfInput:
         if self._lines is not None:
             self._lines.close()
             self._lines = None
+        self._gens = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -409,7 +422,8 @@ PLUGIN = Plugin(
         ),
         Option(
             "max_flows",
-            "flows the kernel map holds; beyond that each connect is sent to user space and counted",
+            "flows each of the kernel map's two generations holds; sync drains one while the other "
+            "counts, and beyond that each connect is sent to user space and counted",
             "65536",
             convert=lambda v: _at_most(positive_int(v), MAX_FLOWS_LIMIT),
             valid=f"a whole number from 1 to {MAX_FLOWS_LIMIT}",
