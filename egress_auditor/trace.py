@@ -54,7 +54,6 @@ POLL_S = 0.1
 SYNC_S = 1.0
 SYNC_SHARE = 0.005  # of the time, at most, spent folding kernel counts (CPU taken from the traced work)
 SYNC_MAX_S = 10.0  # but no longer between syncs: counts shown stay this fresh
-# Sooner when an input's kernel map is filling (sync_due): a burst of new flows is drained in time.
 
 STATUS_S = 0.25  # the status reads kernel counters: as often as the live table redraws, no more
 SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
@@ -331,7 +330,7 @@ class TraceRun:
                 if self._end_command("duration"):
                     break
             self._poll(POLL_S / max(1, len(self.inputs)))
-            if time.monotonic() >= next_sync or any(source.sync_due() for source in self.inputs):
+            if time.monotonic() >= next_sync:
                 began = time.monotonic()
                 lost_at_sync = self.stats().events_lost
                 self._sync()

@@ -39,10 +39,6 @@ class Input(Protocol):
         event was lost (`emit`)."""
         ...
 
-    def sync_due(self) -> bool:
-        """Whether a sync is needed now, before the regular one (the kernel's map is filling)."""
-        ...
-
     def stats(self) -> InputStats: ...
 
     def close(self) -> None:
@@ -61,9 +57,6 @@ class InputBase:
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
         """Nothing to fold: every connection arrives as its own event."""
-
-    def sync_due(self) -> bool:
-        return False
 
     def restrict_to_cgroup(self, cgroup_id: int, depth: int) -> None:
         """No filter in the kernel: the run drops connections from outside the command's cgroup itself."""

@@ -72,7 +72,7 @@ def test_displays_provide_the_whole_contract(display: type) -> None:
 
 
 def test_base_classes_give_every_optional_method_a_default() -> None:
-    assert contract_methods(InputBase) == {"sync", "sync_due", "restrict_to_cgroup"} <= contract_methods(Input)
+    assert contract_methods(InputBase) == {"sync", "restrict_to_cgroup"} <= contract_methods(Input)
     assert contract_methods(OutputBase) == {"connection", "reopen", "drift", "snapshot"} <= contract_methods(Output)
 
 

@@ -76,9 +76,6 @@ class Script:
                 self.reported[key] = count
                 on_count(key, added, last)
 
-    def sync_due(self) -> bool:
-        return False
-
     def stats(self) -> InputStats:
         return InputStats()
 

@@ -45,9 +45,6 @@ class ScriptedInput:
     def sync(self, _emit: Any, _on_count: Any) -> None:
         pass
 
-    def sync_due(self) -> bool:
-        return False
-
     def stats(self) -> InputStats:
         return InputStats(connects=5, events_lost=2)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,18 @@ from egress_auditor.inputs.ebpf.decode import (
     to_address,
 )
 from egress_auditor.inputs.ebpf.generations import MARK_FAMILY, FlowGenerations
-from egress_auditor.inputs.ebpf.maps import FlowMapReader
+from egress_auditor.inputs.ebpf.maps import Chunk, FlowMapReader
 from egress_auditor.inputs.ebpf.plan import AttachPlan, plan_attach
 from egress_auditor.model import Connection, Family, FlowKey, Process, Transport
 from egress_auditor.plugins import Option, Plugin, positive_int
 
-# A sync is due once the live generation may hold this share of max_flows (new-flow events
-# plus events lost since the flip): it must be drained before it fills, even under a burst.
-SYNC_DUE_SHARE = 0.5
+# The generation is flipped at once when it may hold this share of max_flows (new-flow events
+# read plus events lost since its flip): taken out of the kernel before it fills, even in a burst.
+FLIP_SHARE = 0.5
 # Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
 MAX_FLOWS_LIMIT = 1 << 24
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
+RECOVER_BATCH = 1024  # flows recovered from taken generations per poll: a backlog waits in a queue
 # bpf(2) command and flag for cgroup programs (uapi/linux/bpf.h).
 _BPF_LINK_CREATE = 28
 _BPF_F_ALLOW_MULTI = 2
@@ -62,8 +64,15 @@ class EbpfInput:
         # Per epoch of a generation not yet drained: flow map keys (raw bytes) whose event arrived.
         # A key of a drained generation missing here lost its event, and is recovered from the map.
         self._announced: dict[int, set[bytes]] = {}
-        self._drained_epoch = 0  # generations up to this epoch are folded: their late events are dropped
+        self._drained_epoch = 0  # generations up to this epoch are settled: their late events are dropped
         self._lost_at_flip = 0  # events lost when the live generation began
+        # Generations taken out of the kernel, not settled yet: (epoch, flip time, raw chunks). One is
+        # settled once the events are read past its flip; then its flows that lack their event wait
+        # in _recover (raw key, first_ns), and its counts beyond the first connect in _folds.
+        self._taken: deque[tuple[int, int, list[Chunk]]] = deque()
+        self._recover: deque[tuple[bytes, int]] = deque()
+        self._folds: list[tuple[bytes, int, int]] = []  # (raw key, connects added, last_ns)
+        self._read_upto_ns = 0  # every event written before this CLOCK_MONOTONIC time has been read
         self._ports: dict[int, int] = {}  # one int object per port number, shared by its flows
         self._reader = FlowMapReader()
         self._pending: list[Connection] = []
@@ -247,9 +256,27 @@ class EbpfInput:
         return dataclasses.replace(conn, hostname=name) if name else conn
 
     def poll(self, timeout_s: float, emit: Emit) -> None:
+        self._poll(timeout_s, emit, recover=False)
+
+    def _poll(self, timeout_s: float, emit: Emit, recover: bool) -> None:
+        """Events first: flows recovered from the map wait while more events do (`recover`: not)."""
         if self.plan is None or self.bpf is None:
             return
+        self._read_events(timeout_s)
+        if self._flip_due():
+            self._flip()
+        self._settle()
+        pending, self._pending = self._pending, []
+        for conn in pending:
+            emit(self._named(conn))
+        if recover or not self._batch_full:
+            self._emit_recovered(emit, RECOVER_BATCH)
+
+    def _read_events(self, timeout_s: float) -> None:
+        assert self.plan is not None
         ms = max(0, int(timeout_s * 1000))
+        began = time.monotonic_ns()
+        self._batch_full = False
         if self.plan.buffer == "ringbuf":
             if ms:
                 self.bpf.ring_buffer_poll(ms)
@@ -259,58 +286,85 @@ class EbpfInput:
             if not ms or self.plan.dns:
                 self.bpf.ring_buffer_consume()
         else:
-            self.bpf.perf_buffer_poll(ms)
-        pending, self._pending = self._pending, []
-        for conn in pending:
-            emit(self._named(conn))
+            self.bpf.perf_buffer_poll(ms)  # reads every CPU's buffer whole
+        if self.plan.buffer != "ringbuf" or not self._batch_full:
+            self._read_upto_ns = began
+        else:  # stopped at a batch: the ring is read up to the last event taken
+            self._read_upto_ns = max(self._read_upto_ns, self._last_event_ns)
 
     def _drain(self, cutoff_ns: int, emit: Emit) -> None:
         """Emit every event written before cutoff_ns, a batch at a time."""
-        while True:
-            self._batch_full = False
+        while self._read_upto_ns < cutoff_ns:
             self.poll(0, emit)
-            if not self._batch_full or self._last_event_ns >= cutoff_ns:
-                return
 
-    def sync_due(self) -> bool:
-        """Whether the live generation may be half full: sync now, before it fills."""
-        if self._gens is None or self.bpf is None:
-            return False
+    def _flip_due(self) -> bool:
+        """Whether the live generation may be filling: FLIP_SHARE of max_flows, counting every
+        new-flow event read and every event lost since its flip."""
+        assert self._gens is not None
         live = len(self._announced.get(self._gens.epoch, ()))
         lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value) - self._lost_at_flip
-        return live + lost >= self.options["max_flows"] * SYNC_DUE_SHARE
+        return live + lost >= self.options["max_flows"] * FLIP_SHARE
 
-    def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Flip the flow map's generation, then fold what the old one counted: `on_count` gets
-        each flow's connects beyond the one its event (or its recovery here) carried. A flow
-        whose event was lost is emitted from the map. The old generation is emptied as it is
-        read, ready for the next flip.
-
-        The flip returns once no program can count in the old generation any more, so every
-        event counted there is in the buffer or lost: the buffer is read up to the flip first,
-        and a key with no event of its epoch by then lost it."""
-        if self.bpf is None or self._gens is None:
-            return
+    def _flip(self) -> int:
+        """Count in the other generation; take the old one out of the kernel (it is empty after).
+        Returns the time of the flip: every event of the old generation was written before it."""
+        assert self._gens is not None
         lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
         old, epoch = self._gens.flip()
+        flipped = time.monotonic_ns()
         self._lost_at_flip = lost
-        self._drain(time.monotonic_ns(), emit)
-        announced = self._announced.pop(epoch, set())
-        self._drained_epoch = epoch
+        self._taken.append((epoch, flipped, self._reader.take(old)))
+        return flipped
+
+    def _settle(self) -> None:
+        """Settle each taken generation whose events have all been read (or lost): a key with no
+        event of its epoch lost it, and is queued for recovery; counts beyond the first connect
+        are queued for the next sync."""
         lines = self._lines
-        for raw, count, first_ns, last_ns, fp, fp2 in self._reader.entries(old, delete=True):
-            if raw[self._family_at] == MARK_FAMILY:
-                continue
-            flow = self._flow_key(raw)
-            if raw not in announced:
-                emit(self._named(self._recovered(flow, first_ns)))
-            # A flow that repeats gets a slot in its count line: its later repeats are counted there.
-            if lines is not None and fp and count > 1:
-                lines.claim(fp, fp2, raw)
-            if count > 1:
-                on_count(flow, count - 1, last_ns / 1e9 + self._epoch_offset)
-        if lines is not None:
-            self._fold_lines(lines, on_count)
+        family_at = self._family_at
+        table = self.bpf["flows"]
+        while self._taken and self._taken[0][1] <= self._read_upto_ns:
+            epoch, _flipped, chunks = self._taken.popleft()
+            announced = self._announced.pop(epoch, set())
+            self._drained_epoch = epoch
+            for raw, count, first_ns, last_ns, fp, fp2 in self._reader.parse(table, chunks):
+                if raw[family_at] == MARK_FAMILY:
+                    continue
+                if raw not in announced:
+                    self._recover.append((raw, first_ns))
+                if count > 1:
+                    # A flow that repeats gets a slot in its count line: its later repeats are counted there.
+                    if lines is not None and fp:
+                        lines.claim(fp, fp2, raw)
+                    self._folds.append((raw, count - 1, last_ns))
+
+    def _emit_recovered(self, emit: Emit, limit: int) -> None:
+        for _ in range(min(limit, len(self._recover))):
+            raw, first_ns = self._recover.popleft()
+            emit(self._named(self._recovered(self._flow_key(raw), first_ns)))
+
+    def sync(self, emit: Emit, on_count: OnCount) -> None:
+        """Flip the flow map's generation and settle every generation taken so far: flows whose
+        event was lost are emitted from the map, then `on_count` gets each flow's connects beyond
+        the one its event (or recovery) carried, and those counted in count lines since.
+
+        A flip returns once no program can count in the old generation any more, so every event
+        counted there is in the buffer or lost: the buffer is read up to the flip first, and a key
+        with no event of its epoch by then lost it (an event still read later is dropped)."""
+        if self.bpf is None or self._gens is None:
+            return
+        flipped = self._flip()
+        self._drain(flipped, emit)
+        self._settle()
+        # The flows of these counts are all in the table once the recoveries queued so far are
+        # emitted; events are read between batches, and generations settled meanwhile wait.
+        folds, self._folds = self._folds, []
+        for _ in range(-(-len(self._recover) // RECOVER_BATCH)):
+            self._poll(0, emit, recover=True)
+        for raw, added, last_ns in folds:
+            on_count(self._flow_key(raw), added, last_ns / 1e9 + self._epoch_offset)
+        if self._lines is not None:
+            self._fold_lines(self._lines, on_count)
 
     @property
     def _family_at(self) -> int:
