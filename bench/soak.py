@@ -11,6 +11,7 @@ are compared with the load generator's own counts per flow."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -190,12 +191,15 @@ def read_capture(path: Path) -> tuple[dict[tuple[str, int], int], dict[str, Any]
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run: a small map, few flows")
+    parser.add_argument("--bursts", type=int, help="bursts of new flows (default: the mode's)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench/soak.py needs root (BPF programs, network namespaces)")
     from bench.run import auditor_command
 
     cfg = QUICK if args.quick else FULL
+    if args.bursts:
+        cfg = dataclasses.replace(cfg, bursts=args.bursts)
     result = soak(cfg, build_loadgen(), BUILD_DIR / f"soak-{'quick' if args.quick else 'full'}", auditor_command(),
                   log=lambda text: print(text, file=sys.stderr, flush=True))  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k not in ("phases", "rss_mb_samples")}, indent=1))

@@ -42,11 +42,13 @@ from egress_auditor.plugins import Option, Plugin, positive_int
 
 # The generation is flipped at once when it may hold this share of max_flows (new-flow events
 # read plus events lost since its flip): taken out of the kernel before it fills, even in a burst.
-FLIP_SHARE = 0.5
+FLIP_SHARE = 0.25
+FLIP_CHECK = 128  # connections handed over between checks: the caller may spend 100 us and more on each
 # Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
 MAX_FLOWS_LIMIT = 1 << 24
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
-RECOVER_BATCH = 1024  # flows recovered from taken generations per poll: a backlog waits in a queue
+RECOVER_BATCH = 256  # flows recovered from taken generations per poll: a backlog waits in a queue
+SYNC_PASSES = 3  # a sync settles generations taken while it runs too, a few times at most
 # bpf(2) command and flag for cgroup programs (uapi/linux/bpf.h).
 _BPF_LINK_CREATE = 28
 _BPF_F_ALLOW_MULTI = 2
@@ -71,7 +73,7 @@ class EbpfInput:
         # in _recover (raw key, first_ns), and its counts beyond the first connect in _folds.
         self._taken: deque[tuple[int, int, list[Chunk]]] = deque()
         self._recover: deque[tuple[bytes, int]] = deque()
-        self._folds: list[tuple[bytes, int, int]] = []  # (raw key, connects added, last_ns)
+        self._folds: list[tuple[bytes, int, int, int, int]] = []  # (raw key, connects added, last_ns, fp, fp2)
         self._read_upto_ns = 0  # every event written before this CLOCK_MONOTONIC time has been read
         self._ports: dict[int, int] = {}  # one int object per port number, shared by its flows
         self._reader = FlowMapReader()
@@ -263,12 +265,13 @@ class EbpfInput:
         if self.plan is None or self.bpf is None:
             return
         self._read_events(timeout_s)
-        if self._flip_due():
-            self._flip()
+        self._maybe_flip()
         self._settle()
         pending, self._pending = self._pending, []
-        for conn in pending:
+        for i, conn in enumerate(pending, 1):
             emit(self._named(conn))
+            if i % FLIP_CHECK == 0:
+                self._maybe_flip()
         if recover or not self._batch_full:
             self._emit_recovered(emit, RECOVER_BATCH)
 
@@ -305,6 +308,10 @@ class EbpfInput:
         lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value) - self._lost_at_flip
         return live + lost >= self.options["max_flows"] * FLIP_SHARE
 
+    def _maybe_flip(self) -> None:
+        if self._flip_due():
+            self._flip()
+
     def _flip(self) -> int:
         """Count in the other generation; take the old one out of the kernel (it is empty after).
         Returns the time of the flip: every event of the old generation was written before it."""
@@ -320,7 +327,6 @@ class EbpfInput:
         """Settle each taken generation whose events have all been read (or lost): a key with no
         event of its epoch lost it, and is queued for recovery; counts beyond the first connect
         are queued for the next sync."""
-        lines = self._lines
         family_at = self._family_at
         table = self.bpf["flows"]
         while self._taken and self._taken[0][1] <= self._read_upto_ns:
@@ -333,15 +339,14 @@ class EbpfInput:
                 if raw not in announced:
                     self._recover.append((raw, first_ns))
                 if count > 1:
-                    # A flow that repeats gets a slot in its count line: its later repeats are counted there.
-                    if lines is not None and fp:
-                        lines.claim(fp, fp2, raw)
-                    self._folds.append((raw, count - 1, last_ns))
+                    self._folds.append((raw, count - 1, last_ns, fp, fp2))
 
     def _emit_recovered(self, emit: Emit, limit: int) -> None:
-        for _ in range(min(limit, len(self._recover))):
+        for i in range(1, min(limit, len(self._recover)) + 1):
             raw, first_ns = self._recover.popleft()
             emit(self._named(self._recovered(self._flow_key(raw), first_ns)))
+            if i % FLIP_CHECK == 0:
+                self._maybe_flip()
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
         """Flip the flow map's generation and settle every generation taken so far: flows whose
@@ -354,15 +359,23 @@ class EbpfInput:
         if self.bpf is None or self._gens is None:
             return
         flipped = self._flip()
-        self._drain(flipped, emit)
-        self._settle()
-        # The flows of these counts are all in the table once the recoveries queued so far are
-        # emitted; events are read between batches, and generations settled meanwhile wait.
-        folds, self._folds = self._folds, []
-        for _ in range(-(-len(self._recover) // RECOVER_BATCH)):
-            self._poll(0, emit, recover=True)
-        for raw, added, last_ns in folds:
-            on_count(self._flow_key(raw), added, last_ns / 1e9 + self._epoch_offset)
+        for _ in range(SYNC_PASSES):
+            self._drain(flipped, emit)
+            self._settle()
+            # The flows of these counts are all in the table once the recoveries queued so far are
+            # emitted; events are read between batches, and generations settled meanwhile wait.
+            folds, self._folds = self._folds, []
+            for _ in range(-(-len(self._recover) // RECOVER_BATCH)):
+                self._poll(0, emit, recover=True)
+            lines = self._lines
+            for raw, added, last_ns, fp, fp2 in folds:
+                # A flow that repeats gets a slot in its count line: its later repeats are counted there.
+                if lines is not None and fp:
+                    lines.claim(fp, fp2, raw)
+                on_count(self._flow_key(raw), added, last_ns / 1e9 + self._epoch_offset)
+            if not self._taken:  # else a burst went on: flipped again meanwhile
+                break
+            flipped = self._taken[-1][1]
         if self._lines is not None:
             self._fold_lines(self._lines, on_count)
 
