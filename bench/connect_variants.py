@@ -62,6 +62,12 @@ def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
     if lines:
         cflags += count_line_flags(lines)[1]
     bpf = BPF(text=program_text(plan.pieces(), src), cflags=[*cflags, *flags])
+    try:
+        from egress_auditor.inputs.ebpf.generations import FlowGenerations
+
+        FlowGenerations(bpf)  # the programs count in `flows`, as the auditor's do until its first flip
+    except KeyError:  # sources from before the generations (--src) have no flow_gens
+        pass
     return bpf, bpf.load_func(b"connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT)
 
 

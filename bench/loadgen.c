@@ -19,8 +19,11 @@
  *       one unconnected socket, or a new socket that connect()s, send()s and
  *       closes (how a resolver or a metrics client sends).
  *
- * Flow f goes to address bench_addr(f / N_PORTS) and port PORT_BASE + f % N_PORTS;
- * every 127/8 address is local on a namespace's loopback.
+ * Flow f goes to address bench_addr(ADDR_BASE + f / N_PORTS) and port PORT_BASE + f % N_PORTS;
+ * every 127/8 address is local on a namespace's loopback. From the environment:
+ *   LOADGEN_ADDR_BASE=A   the first address index (default 0): runs over other addresses
+ *   LOADGEN_FORK_EVERY=N  (client, no warm-up) each N connects are made by a new child process,
+ *                         which exits after them: many short-lived processes, as a build makes
  * Runs inside a network namespace made by the harness; it never changes any
  * network setting itself. */
 #define _GNU_SOURCE
@@ -34,7 +37,9 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -168,6 +173,12 @@ struct flow_count {
     uint32_t failures;
 };
 
+/* The client's counters, followed by its flows' counts, in memory its children share. */
+struct shared_counts {
+    long flow, made, failures, timed;
+    unsigned long errors[MAX_ERRNO];
+};
+
 enum client_kind { TCP_CONNECT, TCP_LATENCY, UDP_SENDTO, UDP_CONNECT };
 
 static int by_value(const void *a, const void *b)
@@ -229,18 +240,28 @@ static int run_client(int argc, char **argv, enum client_kind kind)
         fprintf(stderr, "loadgen: latency needs a count\n");
         return 2;
     }
+    const char *addr_env = getenv("LOADGEN_ADDR_BASE"), *fork_env = getenv("LOADGEN_FORK_EVERY");
+    long addr_base = addr_env ? parse_long(addr_env, 0, MAX_ADDRS - n_addrs, "LOADGEN_ADDR_BASE") : 0;
+    long fork_every = fork_env ? parse_long(fork_env, 1, 1000000000L, "LOADGEN_FORK_EVERY") : 0;
+    if (fork_every && (warmup || kind == TCP_LATENCY)) {
+        fprintf(stderr, "loadgen: LOADGEN_FORK_EVERY needs the client without warm-up\n");
+        return 2;
+    }
     long n_flows = n_addrs * n_ports;
-    struct flow_count *flows = calloc((size_t)n_flows, sizeof(*flows));
+    /* Shared with the children of LOADGEN_FORK_EVERY: they count into the same flows. */
+    size_t shared_size = sizeof(struct shared_counts) + (size_t)n_flows * sizeof(struct flow_count);
+    struct shared_counts *sh = mmap(NULL, shared_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED) {
+        perror("mmap");
+        return 1;
+    }
+    struct flow_count *flows = (struct flow_count *)(sh + 1);
     double *latency = kind == TCP_LATENCY ? calloc((size_t)count, sizeof(double)) : NULL;
     if (kind == TCP_LATENCY && !latency) {
         perror("calloc");
         return 1;
     }
-    unsigned long errors[MAX_ERRNO] = {0};
-    if (!flows) {
-        perror("calloc");
-        return 1;
-    }
+    unsigned long *errors = sh->errors;
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
 
@@ -249,7 +270,8 @@ static int run_client(int argc, char **argv, enum client_kind kind)
         perror("socket");
         return 1;
     }
-    long flow = 0, made = 0, failures = 0, timed = 0;
+    long child_left = 0; /* in a child of LOADGEN_FORK_EVERY: connects it still makes */
+    long processes = 0;
     double started = 0, deadline = 0, cpu_started = 0;
     long total = warmup + count;
     int in_warmup = warmup > 0;
@@ -258,32 +280,53 @@ static int run_client(int argc, char **argv, enum client_kind kind)
         cpu_started = cpu_s();
         deadline = started + seconds;
     }
-    while (!stopping && (count == 0 || made < total)) {
-        if (in_warmup && made == warmup) {
+    while (!stopping && (count == 0 || sh->made < total)) {
+        if (fork_every && child_left == 0) {
+            pid_t child = fork();
+            if (child < 0) {
+                perror("fork");
+                return 1;
+            }
+            if (child == 0) {
+                child_left = fork_every;
+            } else {
+                processes++;
+                while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+                    ;
+                if (!in_warmup && seconds > 0 && now_s() >= deadline)
+                    break;
+                continue;
+            }
+        }
+        if (in_warmup && sh->made == warmup) {
             in_warmup = 0;
             started = now_s();
             cpu_started = cpu_s();
             deadline = started + seconds;
         }
         /* Reading the clock every connect would cost more than it measures. */
-        if (!in_warmup && seconds > 0 && (made & 127) == 0 && now_s() >= deadline)
+        if (!in_warmup && seconds > 0 && (sh->made & 127) == 0 && now_s() >= deadline)
             break;
         struct sockaddr_in sin = {.sin_family = AF_INET};
-        sin.sin_addr.s_addr = htonl(bench_addr((uint32_t)(flow / n_ports)));
-        sin.sin_port = htons((uint16_t)(base + flow % n_ports));
-        flows[flow].attempts++;
-        int err = one_flow(kind, udp_fd, &sin, latency && !in_warmup ? &latency[timed] : NULL);
+        sin.sin_addr.s_addr = htonl(bench_addr((uint32_t)(addr_base + sh->flow / n_ports)));
+        sin.sin_port = htons((uint16_t)(base + sh->flow % n_ports));
+        flows[sh->flow].attempts++;
+        int err = one_flow(kind, udp_fd, &sin, latency && !in_warmup ? &latency[sh->timed] : NULL);
         if (err) {
-            flows[flow].failures++;
-            failures++;
+            flows[sh->flow].failures++;
+            sh->failures++;
             errors[err < MAX_ERRNO ? err : 0]++;
         }
-        made++;
+        sh->made++;
         if (!in_warmup)
-            timed++;
-        if (++flow == n_flows)
-            flow = 0;
+            sh->timed++;
+        if (++sh->flow == n_flows)
+            sh->flow = 0;
+        if (child_left && --child_left == 0)
+            _exit(0);
     }
+    if (child_left)
+        _exit(0);
     double elapsed = now_s() - started;
     double cpu = cpu_s() - cpu_started;
     if (in_warmup)
@@ -296,15 +339,15 @@ static int run_client(int argc, char **argv, enum client_kind kind)
             return 1;
         }
         for (long f = 0; f < n_flows; f++) {
-            struct in_addr a = {.s_addr = htonl(bench_addr((uint32_t)(f / n_ports)))};
+            struct in_addr a = {.s_addr = htonl(bench_addr((uint32_t)(addr_base + f / n_ports)))};
             fprintf(out, "%s %ld %u %u\n", inet_ntoa(a), base + f % n_ports, flows[f].attempts,
                     flows[f].failures);
         }
         fclose(out);
     }
     printf("{\"connects\": %ld, \"timed_connects\": %ld, \"seconds\": %.6f, \"rate\": %.1f, "
-           "\"cpu_seconds\": %.6f, \"failures\": %ld, \"flows\": %ld, \"errors\": {",
-           made, timed, elapsed, elapsed > 0 ? (double)timed / elapsed : 0.0, cpu, failures, n_flows);
+           "\"cpu_seconds\": %.6f, \"failures\": %ld, \"flows\": %ld, \"processes\": %ld, \"errors\": {",
+           sh->made, sh->timed, elapsed, elapsed > 0 ? (double)sh->timed / elapsed : 0.0, cpu, sh->failures, n_flows, processes);
     int first = 1;
     for (int e = 0; e < MAX_ERRNO; e++) {
         if (errors[e]) {
@@ -314,17 +357,18 @@ static int run_client(int argc, char **argv, enum client_kind kind)
     }
     printf("}");
     if (latency) {
-        qsort(latency, (size_t)timed, sizeof(double), by_value);
-        double p50 = timed ? latency[timed / 2] : 0, p99 = timed ? latency[(timed * 99) / 100] : 0;
-        double top = timed ? latency[timed - 1] : 0;
+        qsort(latency, (size_t)sh->timed, sizeof(double), by_value);
+        double p50 = sh->timed ? latency[sh->timed / 2] : 0, p99 = sh->timed ? latency[(sh->timed * 99) / 100] : 0;
+        double top = sh->timed ? latency[sh->timed - 1] : 0;
         printf(", \"p50_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f", p50 * 1e6, p99 * 1e6, top * 1e6);
         free(latency);
     }
     printf("}\n");
     if (udp_fd >= 0)
         close(udp_fd);
-    free(flows);
+    munmap(sh, shared_size);
     return 0;
+
 }
 
 int main(int argc, char **argv)

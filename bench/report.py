@@ -29,6 +29,9 @@ KEYS = (
     "nfqueue_connect_p99_ms",
     "nfqueue_connect_p99_ms_untraced",
     "connect_ratio_ebpf_udp",
+    "soak_flows",
+    "soak_flows_lost",
+    "soak_rss_mb",
 )
 
 
@@ -70,6 +73,9 @@ GOALS = {
     "nfqueue_connect_p99_ms": Goal("reported"),
     "nfqueue_connect_p99_ms_untraced": Goal("reported"),
     "connect_ratio_ebpf_udp": Goal("reported"),
+    "soak_flows": Goal("at least 1,000,000", at_least=1_000_000),
+    "soak_flows_lost": Goal("0, every count exact, no connect found the map full", at_most=0),
+    "soak_rss_mb": Goal("reported"),
 }
 
 WHAT = {
@@ -96,6 +102,9 @@ WHAT = {
     "median over rounds",
     "nfqueue_connect_p99_ms_untraced": "the same without it, in the same run",
     "connect_ratio_ebpf_udp": "datagrams/s with `trace -i ebpf` running / without, one `sendto()` per flow in turn",
+    "soak_flows": "distinct flows of the soak (bench/soak.py), in bursts at full speed, default `max_flows`",
+    "soak_flows_lost": "of those, flows missing from the JSON capture",
+    "soak_rss_mb": "resident memory (VmRSS, MiB) of the auditor holding all the soak's flows",
 }
 
 # Goals the harness does not measure yet (key: why).
@@ -107,6 +116,9 @@ def met(results: dict[str, Any], key: str) -> bool | None:
     verdict = GOALS[key].met(results[key], results)
     if key == "flows_lost" and verdict is not None:
         verdict = verdict and results["details"]["flows"]["count_mismatches"] == 0
+    if key == "soak_flows_lost" and verdict is not None:
+        soak = results["details"]["soak"]
+        verdict = verdict and soak["count_mismatches"] == 0 and soak["map_full"] == 0
     return verdict
 
 
@@ -313,6 +325,49 @@ def replace_section(path: Path, begin: str, end: str, section: str, first: bool 
     path.write_text(text)
 
 
+SOAK_BEGIN = "<!-- soak:begin (bench/soak.py) -->"
+SOAK_END = "<!-- soak:end -->"
+
+
+def soak_markdown(results: dict[str, Any]) -> str:
+    """The soak's own section: its phases, memory and CPU over time."""
+    soak = results["details"]["soak"]
+    lines = [
+        SOAK_BEGIN,
+        "## Soak: a million distinct flows through the default flow map",
+        "",
+        f"`bench/soak.py` (also run by `sudo make bench`), {results.get('soak_started', results['started'])}: "
+        f"{soak['flows']:,} distinct flows and {soak['connects']:,} connects in {soak['seconds']:.0f} s, "
+        f"`max_flows` {soak['max_flows']}. Each burst: 200 addresses x 1,000 ports, one connect each, as fast "
+        "as `bench/loadgen.c` goes beside the auditor on this machine's two cores; after each, the first 20 "
+        f"addresses again, twice each, long after their generation was drained. The last burst forks a new "
+        f"process per two connects ({soak['processes']:,} short-lived processes). `trace -i ebpf -o json "
+        "--no-live`; the capture's final totals against the load generator's own count per flow: "
+        f"{soak['flows_lost']} flows missing, {soak['count_mismatches']} with a wrong count, "
+        f"{soak['unexpected']} unexpected; {soak['events_lost']:,} events lost (their flows recovered from the "
+        f"drained generations), {soak['map_full']} connects found the map full.",
+        "",
+        "| phase | flows so far | connects/s | events lost so far | VmRSS MiB | auditor CPU s "
+        "| CPU s per 100k new flows |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in soak["phases"]:
+        per = p.get("cpu_s_per_100k_flows")
+        lines.append(
+            f"| {p['phase']} | {p['flows_total']:,} | {p['rate']:,.0f} | {p['events_lost_total']:,} | "
+            f"{p['rss_mb']:.1f} | {p['cpu_s']:.2f} | {'' if per is None else f'{per:.2f}'} |"
+        )
+    lines += [
+        "",
+        "VmRSS sampled over the run (s, MiB): "
+        + ", ".join(f"{t:.0f}: {mb:.0f}" for t, mb in soak["rss_mb_samples"]),
+        SOAK_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    """Replace this harness's section of the file (or add it first), keeping every other section."""
+    """Replace this harness's sections of the file (or add them), keeping every other section."""
     replace_section(path, SECTION_BEGIN, SECTION_END, markdown(results), first=True)
+    if "soak" in results.get("details", {}):
+        replace_section(path, SOAK_BEGIN, SOAK_END, soak_markdown(results))

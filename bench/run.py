@@ -25,7 +25,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import report
+from bench import report, soak
 from bench.harness import (
     BENCH_DIR,
     BUILD_DIR,
@@ -83,6 +83,7 @@ class Config:
     cost_seconds: float
     startup_rounds: int  # starts of the auditor and of the BCC floor, alternating
     latency_connects: int  # timed connect() calls per round of the nfqueue ratio, with and without
+    soak: soak.SoakConfig
 
 
 FULL = Config(
@@ -101,6 +102,7 @@ FULL = Config(
     cost_seconds=2.0,
     startup_rounds=11,
     latency_connects=2000,
+    soak=soak.FULL,
 )
 QUICK = Config(
     "quick",
@@ -118,6 +120,7 @@ QUICK = Config(
     cost_seconds=0.3,
     startup_rounds=1,
     latency_connects=100,
+    soak=soak.QUICK,
 )
 
 
@@ -597,6 +600,7 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         flows = flow_check(ctx)
         log(f"memory: {cfg.rss_addrs * cfg.ports:,} flows")
         rss = memory(ctx)
+    soaked = run_soak(cfg, loadgen, log)
     ready = Spread.of(ctx.rss_ready)
     cpu_per_million = flows["cpu_s"] / (flows["connects"] / 1e6)
     nfqueue_latency = netfilter["nfqueue"]["connect_latency_us"]
@@ -624,6 +628,7 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         "nfqueue_connect_p99_ms": round(nfqueue_latency["traced"]["p99_median"] / 1000, 3),
         "nfqueue_connect_p99_ms_untraced": round(nfqueue_latency["untraced"]["p99_median"] / 1000, 3),
         "connect_ratio_ebpf_udp": udp["udp-sendto"]["median"],
+        **soak_figures(soaked),
         "details": {
             "connect_prog_ns": {
                 **cost["ours_ns_per_connect"],
@@ -653,9 +658,34 @@ def run_all(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             "rss_mb_ready": ready.as_dict(1),
             "rss_mb_100k_flows": rss,
             **{f"connect_ratio_{name}": figures for name, figures in netfilter.items()},
+            "soak": soaked,
         },
         "pending": report.PENDING,
     }
+
+
+def run_soak(cfg: Config, loadgen: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    flows = cfg.soak.bursts * cfg.soak.addrs * cfg.soak.ports
+    log(f"soak: {flows:,} distinct flows in {cfg.soak.bursts} bursts")
+    return soak.soak(cfg.soak, loadgen, BUILD_DIR / f"soak-{cfg.mode}", auditor_command(), log=log)
+
+
+def soak_figures(soaked: dict[str, Any]) -> dict[str, Any]:
+    return {"soak_flows": soaked["flows"], "soak_flows_lost": soaked["flows_lost"], "soak_rss_mb": soaked["rss_mb"]}
+
+
+def only_soak(cfg: Config, json_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The soak alone, its figures put into an existing results file (the other figures kept)."""
+    if os.geteuid() != 0:
+        raise SystemExit("bench/run.py needs root (BPF programs, network namespaces): sudo make bench")
+    if not json_path.exists():
+        raise SystemExit(f"bench/run.py --only soak: no {json_path} to add the soak to; run the whole bench first")
+    results = json.loads(json_path.read_text())
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    soaked = run_soak(cfg, build_loadgen(), log)
+    results.update(soak_figures(soaked), soak_started=started)
+    results["details"]["soak"] = soaked
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -663,13 +693,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a short smoke run with tiny numbers")
     parser.add_argument("--json", type=Path, help="results file (default bench/results.json)")
     parser.add_argument("--markdown", type=Path, help="table (default docs/benchmarks.md)")
+    parser.add_argument("--only", choices=("soak",), help="run one stage alone; its figures join the results file")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     # A quick run never overwrites the real figures.
     default_dir = BUILD_DIR if args.quick else None
     json_path = args.json or (default_dir / "results.json" if default_dir else BENCH_DIR / "results.json")
     md_path = args.markdown or (default_dir / "benchmarks.md" if default_dir else ROOT / "docs" / "benchmarks.md")
-    results = run_all(cfg, log=lambda text: print(text, file=sys.stderr, flush=True))
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    results = only_soak(cfg, json_path, log) if args.only == "soak" else run_all(cfg, log=log)
     report.write_json(results, json_path)
     report.write_markdown(results, md_path)
     for key in report.KEYS:

@@ -59,7 +59,8 @@ struct ea_connect_event {
     u16 dport;
     u8 family;
     u8 protocol;
-    u8 _pad[6];
+    u8 _pad[2];
+    u32 epoch;     /* EA_EVENT_NEW_FLOW: the flow map generation it was counted in */
     u8 saddr[16];
     u8 daddr[16];
     char comm[16];

@@ -13,7 +13,16 @@
 #ifndef EA_MAX_FLOWS
 #define EA_MAX_FLOWS 65536
 #endif
-BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS);
+/* Two generations of the flow map: programs count in the one flow_gens[0]
+ * points to. User space points it at the other, which waits for every
+ * program in flight (an update of a map of maps returns after
+ * synchronize_rcu), then drains the old one exactly and empties it
+ * (docs/decisions/flow-map-generations.md). Each holds one more entry: its
+ * mark (the all-zero key, no flow's family), whose count is the generation's
+ * epoch, copied into the new-flow events counted in it. */
+BPF_HASH(flows, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS + 1);
+BPF_HASH(flows_next, struct ea_flow_key, struct ea_flow_stats, EA_MAX_FLOWS + 1);
+BPF_ARRAY_OF_MAPS(flow_gens, "flows", 1);
 #ifdef EA_COUNT_LINES
 /* A flow map lookup touches three or four cache lines (bucket, element) that,
  * with thousands of flows in turn, have left the CPU's caches; a repeat
@@ -84,7 +93,7 @@ static __always_inline void fill_identity(struct ea_connect_event *ev)
 }
 
 /* A repeat's time only tells user space which flows moved since its last
- * sync (10 ms of margin): the coarse clock is exact enough and cheaper, but
+ * sync: the coarse clock is exact enough and cheaper, but
  * the kernel refuses it to tracing programs (kprobes, tracepoints). */
 static __always_inline u64 repeat_time(int coarse)
 {
@@ -146,7 +155,15 @@ static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev
 #else
     struct { u64 fp, fp2; } fp = {};
 #endif
-    known = flows.lookup(&key);
+    int live_slot = 0;
+    void *live = flow_gens.lookup(&live_slot);
+    if (!live) { /* no generation set: every connect crosses, none is lost */
+        ev->ts_ns = bpf_ktime_get_ns();
+        if (task_later)
+            fill_task(ev);
+        goto map_full;
+    }
+    known = bpf_map_lookup_elem(live, &key);
     if (known) {
         __sync_fetch_and_add(&known->count, 1);
         known->last_ns = repeat_time(coarse);
@@ -157,19 +174,23 @@ static __always_inline void count_flow_at(void *ctx, struct ea_connect_event *ev
     if (task_later)
         fill_task(ev);
     struct ea_flow_stats fresh = {.count = 1, .first_ns = now, .last_ns = now, .fp = fp.fp, .fp2 = fp.fp2};
-    int err = flows.insert(&key, &fresh);
+    int err = bpf_map_update_elem(live, &key, &fresh, BPF_NOEXIST);
     if (err == 0) {
+        struct ea_flow_key mark_key = {};
+        struct ea_flow_stats *mark = bpf_map_lookup_elem(live, &mark_key);
+        ev->epoch = mark ? (u32)mark->count : 0;
         ev->flags = EA_EVENT_NEW_FLOW;
         emit(ctx, ev);
         return;
     }
     /* Another CPU inserted the same flow first. */
-    known = flows.lookup(&key);
+    known = bpf_map_lookup_elem(live, &key);
     if (known) {
         __sync_fetch_and_add(&known->count, 1);
         known->last_ns = now;
         return;
     }
+map_full:
     count_stat(EA_STAT_MAP_FULL);
     ev->flags = EA_EVENT_MAP_FULL;
     emit(ctx, ev);

@@ -122,8 +122,19 @@ class FlowTable:
         self.limits.unlisted_processes += 1
         return None
 
+    def add_kernel_count(self, key: FlowKey, added: int, last_seen: float) -> None:
+        """Add connects the kernel counted for a flow beyond those its events carried."""
+        held = self.holder(key)
+        flow = self._flows.get(held) if held is not None else None
+        self._connects += added
+        if flow is None:
+            self.limits.unheld_connects += added
+            return
+        flow.count += added
+        flow.last_seen = max(flow.last_seen, last_seen)
+
     def set_kernel_count(self, key: FlowKey, count: int, last_seen: float) -> None:
-        """Fold the count the kernel keeps for a flow (it only grows)."""
+        """Fold a flow's whole count as a saved capture gives it (it only grows)."""
         held = self.holder(key)
         flow = self._flows.get(held) if held is not None else None
         if flow is not None and count > flow.count:

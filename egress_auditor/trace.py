@@ -185,8 +185,8 @@ class TraceRun:
         for sink in self.outputs:
             self._deliver(sink, lambda s: s.reopen())
 
-    def _on_count(self, key: FlowKey, count: int, last_seen: float) -> None:
-        self.table.set_kernel_count(key, count, last_seen)
+    def _on_count(self, key: FlowKey, added: int, last_seen: float) -> None:
+        self.table.add_kernel_count(key, added, last_seen)
 
     def _sync(self) -> None:
         for source in self.inputs:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from egress_auditor.dns import DnsNames
 
 Emit = Callable[[Connection], None]
-OnCount = Callable[[FlowKey, int, float], None]
+OnCount = Callable[[FlowKey, int, float], None]  # (flow, connects added since the last report, last seen)
 
 
 @dataclass
@@ -38,7 +38,8 @@ class Input(Protocol):
         ...
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Report counts kept in the kernel (`on_count`) and flows whose event was lost (`emit`)."""
+        """Report connects counted in the kernel since the last sync (`on_count`) and flows whose
+        event was lost (`emit`)."""
         ...
 
     def stats(self) -> InputStats: ...

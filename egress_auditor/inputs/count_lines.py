@@ -4,9 +4,10 @@ Each 64-byte line holds two slots of four 64-bit words: the fingerprint's
 two words, count, last time. User space claims a free slot for a flow by
 writing the flow's fingerprint into it, second word first, each one aligned
 8-byte store (the first word, non-zero, makes the slot taken); from then on the kernel
-counts the flow's repeats in that slot instead of its flow map entry, so a
-flow's count is the two added up. Only user space writes fingerprints, so two
-flows never race for a slot. A flow whose line is full stays in the flow map.
+counts the flow's repeats in that slot instead of the flow map, so a flow's
+count is what the map's generations counted before plus its slot's count.
+Only user space writes fingerprints, so two flows never race for a slot. A
+flow whose line is full stays in the flow map.
 """
 
 from __future__ import annotations
@@ -54,10 +55,8 @@ class CountLines:
         # One ctypes array over the mapping: element access is one aligned 8-byte load or store.
         self._words: ctypes.Array[ctypes.c_uint64] | None = (ctypes.c_uint64 * (size // 8)).from_buffer(self._map)
         slots = lines * LINE_SLOTS
-        # Per slot: the flow map key that owns it (raw bytes) and its flow map count.
-        self.owner: list[bytes | None] = [None] * slots
-        self.map_count = array("Q", bytes(8 * slots))
-        self.reported = array("Q", bytes(8 * slots))  # the count last handed to sync's caller
+        self.owner: list[bytes | None] = [None] * slots  # per slot: the flow map key that owns it (raw bytes)
+        self.reported = array("Q", bytes(8 * slots))  # per slot: its count as last folded by sync
         self.claimed = array("I")  # slots in the order they were claimed
 
     def _word(self, slot: int, field: int) -> int:

@@ -39,6 +39,11 @@ def test_quick_run_writes_every_key_with_a_sane_value(tmp_path: Path) -> None:
     assert results["flows_expected"] == cfg.addrs * cfg.ports
     assert results["flows_lost"] == 0
     assert results["details"]["flows"]["count_mismatches"] == 0
+    # The soak: its flows pass through a small map's generations, each present with its exact count.
+    assert results["soak_flows"] == cfg.soak.bursts * cfg.soak.addrs * cfg.soak.ports
+    assert results["soak_flows_lost"] == 0
+    assert results["details"]["soak"]["count_mismatches"] == 0 and results["details"]["soak"]["unexpected"] == 0
+    assert results["soak_rss_mb"] > 1
     assert results["userspace_cpu_s_per_million"] >= 0
     assert 0 < results["startup_seconds"] < 60
     assert results["rss_mb_ready"] > 1

@@ -90,7 +90,7 @@ class Collector:
             if until():
                 break
         self.source.poll(0, self._take)
-        self.source.sync(self._take, self.table.set_kernel_count)
+        self.source.sync(self._take, self.table.add_kernel_count)
 
     def to(self, dst: str, dport: int | None = None, protocol: Transport | None = None) -> list[Connection]:
         address = ipaddress.ip_address(dst)

@@ -51,6 +51,7 @@ class Script(InputBase):
     def __init__(self, steps: list[tuple[float, list[Connection] | Callable[[], None]]]) -> None:
         self.steps = sorted(steps, key=lambda s: s[0])
         self.counts: dict[Any, tuple[int, float]] = {}
+        self.reported: dict[Any, int] = {}
         self.opened = 0.0
 
     def open(self) -> str:
@@ -68,8 +69,12 @@ class Script(InputBase):
                     emit(c)
 
     def sync(self, _emit: Any, on_count: Callable[..., None]) -> None:
+        # As the eBPF input reports them: connects added since the last sync, beyond the one event.
         for key, (count, last) in self.counts.items():
-            on_count(key, count, last)
+            added = count - self.reported.get(key, 1)
+            if added:
+                self.reported[key] = count
+                on_count(key, added, last)
 
     def stats(self) -> InputStats:
         return InputStats()

@@ -4,8 +4,9 @@ TCP connects (cgroup connect hooks, fentry, kprobes or tracepoint), UDP destinat
 sock_addr hooks or syscall tracepoints) and DNS answers (cgroup_skb ingress). Repeats of
 a flow are counted in the kernel: in the flow map, and once sync() has given
 the flow a slot, in its count line (count_lines.py); only a flow's first
-connect arrives as an event. sync() folds those counts into the flow table
-and recovers any flow whose first event was lost.
+connect in a generation of the flow map arrives as an event. sync() flips the
+generation (generations.py), folds what the old one counted into the flow
+table, recovers any flow whose event was lost, and empties it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,21 @@ from egress_auditor.inputs.ebpf.decode import (
     decode_comm,
     to_address,
 )
-from egress_auditor.inputs.ebpf.maps import FlowMapReader
+from egress_auditor.inputs.ebpf.generations import MARK_FAMILY, FlowGenerations
+from egress_auditor.inputs.ebpf.maps import Chunk, FlowMapReader
 from egress_auditor.inputs.ebpf.plan import AttachPlan, plan_attach
 from egress_auditor.model import Connection, Family, FlowKey, Process, Transport
 from egress_auditor.plugins import Option, Plugin, positive_int
 
-RECOVERY_MARGIN_NS = 10_000_000  # far longer than a lost event takes to be counted after its flow
+# The generation is flipped at once when it may hold this share of max_flows (new-flow events
+# read plus events lost since its flip): taken out of the kernel before it fills, even in a burst.
+FLIP_SHARE = 0.25
+FLIP_CHECK = 128  # connections handed over between checks: the caller may spend 100 us and more on each
 # Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
 MAX_FLOWS_LIMIT = 1 << 24
 POLL_BATCH = 1024  # events made into Connections per poll: a burst waits in the kernel's buffer, not in Python
+RECOVER_BATCH = 256  # flows recovered from taken generations per poll: a backlog waits in a queue
+SYNC_PASSES = 3  # a sync settles generations taken while it runs too, a few times at most
 
 
 class EbpfInput:
@@ -52,13 +59,19 @@ class EbpfInput:
         self.bpf: Any = None
         self.plan: AttachPlan | None = None
         self.names = DnsNames()  # the DNS answers read are learned here: the run names connections (enrich.py)
-        # Flow map keys (raw bytes) whose event arrived since the last sync, and in the
-        # interval before: only flows that new can still lack their event, so older
-        # keys are dropped instead of held for the whole run.
-        self._announced: set[bytes] = set()
-        self._announced_before: set[bytes] = set()
-        self._synced_ns = 0  # CLOCK_MONOTONIC when the last sync began: older kernel flows are folded already
-        self._lost_seen = 0  # events lost as of the last sync
+        self._gens: FlowGenerations | None = None
+        # Per epoch of a generation not yet drained: flow map keys (raw bytes) whose event arrived.
+        # A key of a drained generation missing here lost its event, and is recovered from the map.
+        self._announced: dict[int, set[bytes]] = {}
+        self._drained_epoch = 0  # generations up to this epoch are settled: their late events are dropped
+        self._lost_at_flip = 0  # events lost when the live generation began
+        # Generations taken out of the kernel, not settled yet: (epoch, flip time, raw chunks). One is
+        # settled once the events are read past its flip; then its flows that lack their event wait
+        # in _recover (raw key, first_ns), and its counts beyond the first connect in _folds.
+        self._taken: deque[tuple[int, int, list[Chunk]]] = deque()
+        self._recover: deque[tuple[bytes, int]] = deque()
+        self._folds: list[tuple[bytes, int, int, int, int]] = []  # (raw key, connects added, last_ns, fp, fp2)
+        self._read_upto_ns = 0  # every event written before this CLOCK_MONOTONIC time has been read
         self._ports: dict[int, int] = {}  # one int object per port number, shared by its flows
         self._reader = FlowMapReader()
         self._pending: list[Connection] = []
@@ -104,6 +117,7 @@ class EbpfInput:
             self.bpf = self._build_plan(src, cflags, identity)
             if lines:
                 self._lines = CountLines(self.bpf["count_lines"].map_fd, lines)
+            self._gens = FlowGenerations(self.bpf)
             if self.plan.tcp_hook == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
@@ -181,7 +195,11 @@ class EbpfInput:
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         event = self.bpf["events"].event(data)
         if event.flags != EVENT_MAP_FULL:
-            self._announced.add(self._raw_key(event))
+            if event.epoch <= self._drained_epoch:
+                # Read after its generation was drained (its record was behind one still being
+                # written): the flow was recovered from the map then, with this very connect.
+                return 0
+            self._announced.setdefault(event.epoch, set()).add(self._raw_key(event))
         self._pending.append(self._connection(event))
         self._last_event_ns = event.ts_ns
         # Below zero, libbpf stops reading the ring buffer (this event is kept); perf buffers ignore it.
@@ -226,9 +244,28 @@ class EbpfInput:
         )
 
     def poll(self, timeout_s: float, emit: Emit) -> None:
+        self._poll(timeout_s, emit, recover=False)
+
+    def _poll(self, timeout_s: float, emit: Emit, recover: bool) -> None:
+        """Events first: flows recovered from the map wait while more events do (`recover`: not)."""
         if self.plan is None or self.bpf is None:
             return
+        self._read_events(timeout_s)
+        self._maybe_flip()
+        self._settle()
+        pending, self._pending = self._pending, []
+        for i, conn in enumerate(pending, 1):
+            emit(conn)
+            if i % FLIP_CHECK == 0:
+                self._maybe_flip()
+        if recover or not self._batch_full:
+            self._emit_recovered(emit, RECOVER_BATCH)
+
+    def _read_events(self, timeout_s: float) -> None:
+        assert self.plan is not None
         ms = max(0, int(timeout_s * 1000))
+        began = time.monotonic_ns()
+        self._batch_full = False
         if self.plan.buffer == "ringbuf":
             if ms:
                 self.bpf.ring_buffer_poll(ms)
@@ -238,80 +275,127 @@ class EbpfInput:
             if not ms or self.plan.dns:
                 self.bpf.ring_buffer_consume()
         else:
-            self.bpf.perf_buffer_poll(ms)
-        pending, self._pending = self._pending, []
-        for conn in pending:
-            emit(conn)
+            self.bpf.perf_buffer_poll(ms)  # reads every CPU's buffer whole
+        if self.plan.buffer != "ringbuf" or not self._batch_full:
+            self._read_upto_ns = began
+        else:  # stopped at a batch: the ring is read up to the last event taken
+            self._read_upto_ns = max(self._read_upto_ns, self._last_event_ns)
 
     def _drain(self, cutoff_ns: int, emit: Emit) -> None:
         """Emit every event written before cutoff_ns, a batch at a time."""
-        while True:
-            self._batch_full = False
+        while self._read_upto_ns < cutoff_ns:
             self.poll(0, emit)
-            if not self._batch_full or self._last_event_ns >= cutoff_ns:
-                return
+
+    def _flip_due(self) -> bool:
+        """Whether the live generation may be filling: FLIP_SHARE of max_flows, counting every
+        new-flow event read and every event lost since its flip."""
+        assert self._gens is not None
+        live = len(self._announced.get(self._gens.epoch, ()))
+        lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value) - self._lost_at_flip
+        return live + lost >= self.options["max_flows"] * FLIP_SHARE
+
+    def _maybe_flip(self) -> None:
+        if self._flip_due():
+            self._flip()
+
+    def _flip(self) -> int:
+        """Count in the other generation; take the old one out of the kernel (it is empty after).
+        Returns the time of the flip: every event of the old generation was written before it."""
+        assert self._gens is not None
+        lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
+        old, epoch = self._gens.flip()
+        flipped = time.monotonic_ns()
+        self._lost_at_flip = lost
+        self._taken.append((epoch, flipped, self._reader.take(old)))
+        return flipped
+
+    def _settle(self) -> None:
+        """Settle each taken generation whose events have all been read (or lost): a key with no
+        event of its epoch lost it, and is queued for recovery; counts beyond the first connect
+        are queued for the next sync."""
+        family_at = self._family_at
+        table = self.bpf["flows"]
+        while self._taken and self._taken[0][1] <= self._read_upto_ns:
+            epoch, _flipped, chunks = self._taken.popleft()
+            announced = self._announced.pop(epoch, set())
+            self._drained_epoch = epoch
+            for raw, count, first_ns, last_ns, fp, fp2 in self._reader.parse(table, chunks):
+                if raw[family_at] == MARK_FAMILY:
+                    continue
+                if raw not in announced:
+                    self._recover.append((raw, first_ns))
+                if count > 1:
+                    self._folds.append((raw, count - 1, last_ns, fp, fp2))
+
+    def _emit_recovered(self, emit: Emit, limit: int) -> None:
+        for i in range(1, min(limit, len(self._recover)) + 1):
+            raw, first_ns = self._recover.popleft()
+            emit(self._recovered(self._flow_key(raw), first_ns))
+            if i % FLIP_CHECK == 0:
+                self._maybe_flip()
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Fold kernel counts; a flow whose first event was lost is emitted from the map.
-        Only flows used since the last sync are decoded.
+        """Flip the flow map's generation and settle every generation taken so far: flows whose
+        event was lost are emitted from the map, then `on_count` gets each flow's connects beyond
+        the one its event (or recovery) carried, and those counted in count lines since.
 
-        A flow lacks its event only if events were lost since the last sync and the
-        flow is new since then. Events already in the buffers are drained first, up
-        to a cutoff, so one still queued is never taken for lost; flows first seen
-        after the cutoff wait for the next sync, whose window starts RECOVERY_MARGIN_NS
-        before it in case their loss was counted just after the counter was read."""
-        if self.bpf is None:
+        A flip returns once no program can count in the old generation any more, so every event
+        counted there is in the buffer or lost: the buffer is read up to the flip first, and a key
+        with no event of its epoch by then lost it (an event still read later is dropped)."""
+        if self.bpf is None or self._gens is None:
             return
-        since = self._synced_ns
-        lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
-        recover, self._lost_seen = lost != self._lost_seen, lost
-        cutoff = self._synced_ns = time.monotonic_ns()
-        self._drain(cutoff, emit)
-        announced = (self._announced, self._announced_before)
-        self._announced_before, self._announced = self._announced, set()
-        window = since - RECOVERY_MARGIN_NS
-        lines = self._lines
-        for raw, count, first_ns, last_ns, fp, fp2 in self._flow_entries():
-            if last_ns < window:  # folded already, unless counted just before the last cutoff
-                continue
-            flow = self._flow_key(raw)
-            if recover and window <= first_ns < cutoff and not any(raw in keys for keys in announced):
-                emit(
-                    Connection(
-                        time=first_ns / 1e9 + self._epoch_offset,
-                        protocol=flow.protocol,
-                        family=flow.family,
-                        src=None,
-                        sport=0,
-                        dst=flow.dst,
-                        dport=flow.dport,
-                        pid=0,
-                        uid=flow.uid,
-                        gid=-1,
-                        comm=flow.comm,
-                        input=self.name,
-                        process=Process(pid=0, name=flow.comm, uid=flow.uid),
-                    )
-                )
-            # A flow that repeats gets a slot in its count line: its later repeats are counted there.
-            if lines is not None and fp and (slot := lines.claim(fp, fp2, raw)) is not None:
-                lines.map_count[slot] = count
-                count += lines.count(slot)
-                last_ns = max(last_ns, lines.last_ns(slot))
-                lines.reported[slot] = count
-            on_count(flow, count, last_ns / 1e9 + self._epoch_offset)
-        if lines is not None:
-            self._fold_lines(lines, on_count)
+        flipped = self._flip()
+        for _ in range(SYNC_PASSES):
+            self._drain(flipped, emit)
+            self._settle()
+            # The flows of these counts are all in the table once the recoveries queued so far are
+            # emitted; events are read between batches, and generations settled meanwhile wait.
+            folds, self._folds = self._folds, []
+            for _ in range(-(-len(self._recover) // RECOVER_BATCH)):
+                self._poll(0, emit, recover=True)
+            lines = self._lines
+            for raw, added, last_ns, fp, fp2 in folds:
+                # A flow that repeats gets a slot in its count line: its later repeats are counted there.
+                if lines is not None and fp:
+                    lines.claim(fp, fp2, raw)
+                on_count(self._flow_key(raw), added, last_ns / 1e9 + self._epoch_offset)
+            if not self._taken:  # else a burst went on: flipped again meanwhile
+                break
+            flipped = self._taken[-1][1]
+        if self._lines is not None:
+            self._fold_lines(self._lines, on_count)
+
+    @property
+    def _family_at(self) -> int:
+        return int(self.bpf["flows"].Key.family.offset)
+
+    def _recovered(self, flow: FlowKey, first_ns: int) -> Connection:
+        """A flow whose event was lost, as the map knows it: no process beyond name and uid."""
+        return Connection(
+            time=first_ns / 1e9 + self._epoch_offset,
+            protocol=flow.protocol,
+            family=flow.family,
+            src=None,
+            sport=0,
+            dst=flow.dst,
+            dport=flow.dport,
+            pid=0,
+            uid=flow.uid,
+            gid=-1,
+            comm=flow.comm,
+            input=self.name,
+            process=Process(pid=0, name=flow.comm, uid=flow.uid),
+        )
 
     def _fold_lines(self, lines: CountLines, on_count: OnCount) -> None:
-        """Counts of flows counted in their count lines since the last sync (their flow map entries rest)."""
+        """Connects counted in count lines since the last sync (their flows have left the map)."""
         for slot in lines.claimed:
-            total = lines.map_count[slot] + lines.count(slot)
+            total = lines.count(slot)
             if total != lines.reported[slot]:
-                lines.reported[slot] = total
+                added, lines.reported[slot] = total - lines.reported[slot], total
                 owner = lines.owner[slot]
                 assert owner is not None
-                on_count(self._flow_key(owner), total, lines.last_ns(slot) / 1e9 + self._epoch_offset)
+                on_count(self._flow_key(owner), added, lines.last_ns(slot) / 1e9 + self._epoch_offset)
 
     def _flow_key(self, raw: bytes) -> FlowKey:
         """The flow of a flow map key, as the kernel built it."""
@@ -320,9 +404,6 @@ class EbpfInput:
         dst = to_address(family, key.daddr)
         comm = decode_comm(bytes(key.comm))
         return FlowKey(Transport(key.protocol), family, dst, self._port(key.dport), key.uid, comm)
-
-    def _flow_entries(self) -> Iterator[tuple[bytes, int, int, int, int, int]]:
-        return self._reader.entries(self.bpf["flows"])
 
     def stats(self) -> InputStats:
         if self.bpf is None:
@@ -343,6 +424,7 @@ class EbpfInput:
         if self._lines is not None:
             self._lines.close()
             self._lines = None
+        self._gens = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -386,7 +468,8 @@ PLUGIN = Plugin(
         ),
         Option(
             "max_flows",
-            "flows the kernel map holds; beyond that each connect is sent to user space and counted",
+            "flows each of the kernel map's two generations holds; sync drains one while the other "
+            "counts, and beyond that each connect is sent to user space and counted",
             "65536",
             convert=lambda v: _at_most(positive_int(v), MAX_FLOWS_LIMIT),
             valid=f"a whole number from 1 to {MAX_FLOWS_LIMIT}",
