@@ -103,8 +103,8 @@ WHAT = {
     "nfqueue_connect_p99_ms_untraced": "the same without it, in the same run",
     "connect_ratio_ebpf_udp": "datagrams/s with `trace -i ebpf` running / without, one `sendto()` per flow in turn",
     "soak_flows": "distinct flows of the soak (bench/soak.py), in bursts at full speed, default `max_flows`",
-    "soak_flows_lost": "of those, flows missing from the JSON capture",
-    "soak_rss_mb": "resident memory (VmRSS, MiB) of the auditor holding all the soak's flows",
+    "soak_flows_lost": "of those, flows held neither by their address nor by a network in the JSON capture",
+    "soak_rss_mb": "resident memory (VmRSS, MiB) of the auditor at the end of the soak (bounded by `--flow-cap`)",
 }
 
 # Goals the harness does not measure yet (key: why).
@@ -342,10 +342,16 @@ def soak_markdown(results: dict[str, Any]) -> str:
         "as `bench/loadgen.c` goes beside the auditor on this machine's two cores; after each, the first 20 "
         f"addresses again, twice each, long after their generation was drained. The last burst forks a new "
         f"process per two connects ({soak['processes']:,} short-lived processes). `trace -i ebpf -o json "
-        "--no-live`; the capture's final totals against the load generator's own count per flow: "
-        f"{soak['flows_lost']} flows missing, {soak['count_mismatches']} with a wrong count, "
+        f"--no-live -o iptables`, `--flow-cap` {soak.get('flow_cap', 'default')} (default 262,144); the "
+        "capture's final totals against the "
+        "load generator's own count per flow: a flow is held by its address, or past the cap by its /24 or "
+        f"/16 network ({soak.get('held_exactly', 0):,} by address, {soak.get('held_in_networks', 0):,} in "
+        f"{soak.get('network_flows', 0):,} network flows, each network's count the sum of its members'); "
+        f"{soak['flows_lost']} flows missing, {soak['count_mismatches']} holders with a wrong count, "
         f"{soak['unexpected']} unexpected; {soak['events_lost']:,} events lost (their flows recovered from the "
-        f"drained generations), {soak['map_full']} connects found the map full.",
+        f"drained generations), {soak['map_full']} connects found the map full. The rules' header said: "
+        + ("; ".join(f"`{n.lstrip('# ')}`" for n in soak.get("header_notes", [])) or "nothing")
+        + ".",
         "",
         "| phase | flows so far | connects/s | events lost so far | VmRSS MiB | auditor CPU s "
         "| CPU s per 100k new flows |",
@@ -359,8 +365,7 @@ def soak_markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "VmRSS sampled over the run (s, MiB): "
-        + ", ".join(f"{t:.0f}: {mb:.0f}" for t, mb in soak["rss_mb_samples"]),
+        "VmRSS sampled over the run (s, MiB): " + ", ".join(f"{t:.0f}: {mb:.0f}" for t, mb in soak["rss_mb_samples"]),
         SOAK_END,
     ]
     return "\n".join(lines) + "\n"

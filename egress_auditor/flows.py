@@ -39,7 +39,7 @@ def network_key(key: FlowKey, v4: int, v6: int) -> FlowKey:
 class Limits:
     """What the caps took from a run: the rules' header says so."""
 
-    merged_flows: int = 0  # new destinations held in a network's flow
+    merged_flows: int = 0  # network flows made for destinations past the cap
     unheld_connects: int = 0  # connects past the hard limit: counted, in no flow
     unlisted_processes: int = 0  # processes not listed on a flow that has others
 
@@ -47,8 +47,8 @@ class Limits:
         notes = []
         if self.merged_flows:
             notes.append(
-                f"{self.merged_flows} destinations past the flow cap ({cap}) are held as /24 or /16 "
-                "(IPv6 /64 or /48) networks: the json capture keeps the first address of each"
+                f"past the flow cap ({cap}), new destinations are held in {self.merged_flows} network flows "
+                "(/24 or /16; IPv6 /64 or /48): the json capture keeps the first address of each"
             )
         if self.unheld_connects:
             notes.append(

@@ -46,7 +46,8 @@ def test_past_the_cap_networks_then_only_counts(addresses: list[str], first: str
     flow, new = table.add(conn(CURL, addresses[0], 443, START + 10))
     assert not new and flow is not None and flow.key.prefix == 0 and flow.count == 2
     notes = table.limits.notes(2)
-    assert "2 destinations past the flow cap (2)" in notes[0] and "1 connects past twice the flow cap (4)" in notes[1]
+    assert "past the flow cap (2), new destinations are held in 2 network flows" in notes[0]
+    assert "1 connects past twice the flow cap (4)" in notes[1]
 
 
 def test_kernel_counts_of_a_member_reach_its_network() -> None:
