@@ -283,7 +283,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"{flows['lost']} missing, {flows['count_mismatches']} with a wrong count, {flows['client_failures']} failed "
         f"connects. The auditor's CPU from ready to the end of that load gives `userspace_cpu_s_per_million` "
         f"({flows['cpu_s']:.2f} s over {flows['load_seconds']:.1f} s of load).",
-        f"- Memory: VmRSS once running, then after {rss['flows_made']:,} new flows "
+        "- Memory"
+        + (
+            f" (run alone, `bench/run.py --only memory`, {results['memory_started']})"
+            if "memory_started" in results
+            else ""
+        )
+        + f": VmRSS once running, then after {rss['flows_made']:,} new flows "
         f"(`-I ebpf:max_flows:{rss['max_flows']}`) were all announced: {rss['flows_seen']:,} seen, VmRSS "
         f"{_fmt(rss['rss_ready_mb'])} -> {_fmt(rss['rss_after_mb'])} MiB"
         + (
@@ -329,6 +335,10 @@ SOAK_BEGIN = "<!-- soak:begin (bench/soak.py) -->"
 SOAK_END = "<!-- soak:end -->"
 
 
+def _cap(cap: int | str) -> str:
+    return "262,144 (the default)" if cap == "default" else f"{cap:,}"
+
+
 def soak_markdown(results: dict[str, Any]) -> str:
     """The soak's own section: its phases, memory and CPU over time."""
     soak = results["details"]["soak"]
@@ -342,7 +352,7 @@ def soak_markdown(results: dict[str, Any]) -> str:
         "as `bench/loadgen.c` goes beside the auditor on this machine's two cores; after each, the first 20 "
         f"addresses again, twice each, long after their generation was drained. The last burst forks a new "
         f"process per two connects ({soak['processes']:,} short-lived processes). `trace -i ebpf -o json "
-        f"--no-live -o iptables`, `--flow-cap` {soak.get('flow_cap', 'default')} (default 262,144); the "
+        f"--no-live -o iptables`, `--flow-cap` {_cap(soak.get('flow_cap', 'default'))}; the "
         "capture's final totals against the "
         "load generator's own count per flow: a flow is held by its address, or past the cap by its /24 or "
         f"/16 network ({soak.get('held_exactly', 0):,} by address, {soak.get('held_in_networks', 0):,} in "

@@ -674,17 +674,29 @@ def soak_figures(soaked: dict[str, Any]) -> dict[str, Any]:
     return {"soak_flows": soaked["flows"], "soak_flows_lost": soaked["flows_lost"], "soak_rss_mb": soaked["rss_mb"]}
 
 
-def only_soak(cfg: Config, json_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """The soak alone, its figures put into an existing results file (the other figures kept)."""
+def only_stage(stage: str, cfg: Config, json_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """One stage alone (soak, memory), its figures put into an existing results file (the others kept)."""
     if os.geteuid() != 0:
         raise SystemExit("bench/run.py needs root (BPF programs, network namespaces): sudo make bench")
     if not json_path.exists():
-        raise SystemExit(f"bench/run.py --only soak: no {json_path} to add the soak to; run the whole bench first")
+        raise SystemExit(f"bench/run.py --only {stage}: no {json_path} to add to; run the whole bench first")
     results = json.loads(json_path.read_text())
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    soaked = run_soak(cfg, build_loadgen(), log)
-    results.update(soak_figures(soaked), soak_started=started)
-    results["details"]["soak"] = soaked
+    loadgen = build_loadgen()
+    if stage == "soak":
+        soaked = run_soak(cfg, loadgen, log)
+        results.update(soak_figures(soaked), soak_started=started)
+        results["details"]["soak"] = soaked
+        return results
+    compileall.compile_dir(ROOT / "egress_auditor", quiet=1)
+    workdir = BUILD_DIR / f"run-{cfg.mode}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    with namespace() as ns, server(ns, loadgen, cfg.ports, lifetime_s=3600):
+        ctx = Context(cfg, ns, loadgen, workdir, auditor_command(), log, [], [], [])
+        log(f"memory: {cfg.rss_addrs * cfg.ports:,} flows")
+        rss = memory(ctx)
+    results.update(rss_mb_100k_flows=rss["growth_mb"], memory_started=started)
+    results["details"]["rss_mb_100k_flows"] = rss
     return results
 
 
@@ -693,7 +705,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a short smoke run with tiny numbers")
     parser.add_argument("--json", type=Path, help="results file (default bench/results.json)")
     parser.add_argument("--markdown", type=Path, help="table (default docs/benchmarks.md)")
-    parser.add_argument("--only", choices=("soak",), help="run one stage alone; its figures join the results file")
+    parser.add_argument(
+        "--only", choices=("soak", "memory"), help="run one stage alone; its figures join the results file"
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     # A quick run never overwrites the real figures.
@@ -701,7 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json_path = args.json or (default_dir / "results.json" if default_dir else BENCH_DIR / "results.json")
     md_path = args.markdown or (default_dir / "benchmarks.md" if default_dir else ROOT / "docs" / "benchmarks.md")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    results = only_soak(cfg, json_path, log) if args.only == "soak" else run_all(cfg, log=log)
+    results = only_stage(args.only, cfg, json_path, log) if args.only else run_all(cfg, log=log)
     report.write_json(results, json_path)
     report.write_markdown(results, md_path)
     for key in report.KEYS:
