@@ -271,7 +271,7 @@ def test_the_unit_records_snapshots_restarts_resumed_and_stops_with_its_files(
 
     # 3. SIGKILL: systemd restarts it (Restart=on-failure), and the next run resumes the counts.
     sut.ok("systemctl", "kill", "-s", "KILL", unit)
-    wait_for(lambda: sut.show(unit, "NRestarts") == "1", 60, lambda: sut.show(unit, "ActiveState"))
+    wait_for(lambda: sut.show(unit, "NRestarts") == "1", 60, lambda: f"a restart; unit {sut.show(unit, 'ActiveState')}")
     second_invocation = sut.show(unit, "InvocationID")
     assert second_invocation != first_invocation
     assert int(sut.show(unit, "MainPID")) not in (0, first_pid)
