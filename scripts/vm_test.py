@@ -227,7 +227,7 @@ def _watch(proc: subprocess.Popen[bytes], out: Path, started: float, timeout_s: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", action="append", choices=sorted(SERIES), help="series to boot (repeatable)")
-    parser.add_argument("--timeout", type=float, default=720.0, help="seconds each kernel's VM may take")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds each kernel's VM may take")
     parser.add_argument("--bench", action="store_true", help="run bench/path_cost.py instead of the tests")
     args, pytest_args = parser.parse_known_args()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
