@@ -25,7 +25,15 @@ else
   vm_status=3
 fi
 set -e
-# 3: this machine cannot run it, and vm_test.py has said why in one line.
-[ "$vm_status" -eq 3 ] && vm_status=0
+# 3: this machine cannot run it, and vm_test.py has said why in one line. In CI that hides
+# the stock kernels' paths, so it fails there unless EGRESS_AUDITOR_VM=off asked for it.
+if [ "$vm_status" -eq 3 ]; then
+  if [ -n "${CI:-}" ] && [ $# -eq 0 ] && [ "${EGRESS_AUDITOR_VM:-}" != off ]; then
+    echo "vm: CI must run the VM stage (EGRESS_AUDITOR_VM=off to leave it out on purpose)" >&2
+    vm_status=1
+  else
+    vm_status=0
+  fi
+fi
 [ "$status" -ne 0 ] && exit "$status"
 exit "$vm_status"
