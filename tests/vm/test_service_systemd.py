@@ -188,9 +188,15 @@ def install(sut: System) -> None:
             text = script.read_bytes()
             if text.startswith(f"#!{HERE / '.venv'}/".encode()):
                 script.write_bytes(text.replace(str(HERE / ".venv").encode(), b"/opt/egress-auditor", 1))
-    sut.ok("install", "-D", "-m", "0644", str(UNIT), "/etc/systemd/system/egress-auditor.service")
-    env = HERE / "packaging" / "systemd" / "egress-auditor.env"
-    sut.ok("install", "-D", "-m", "0644", str(env), "/etc/default/egress-auditor")
+    # The checkout may lie where the system does not see it (the VM's /tmp is not in its root): the
+    # files are handed in first, then installed from inside as the script installs them.
+    handed = Path("/var/tmp/egress-auditor-install")
+    sut.path(handed).mkdir(parents=True, exist_ok=True)
+    shutil.copy(UNIT, sut.path(handed / "egress-auditor.service"))
+    shutil.copy(HERE / "packaging" / "systemd" / "egress-auditor.env", sut.path(handed / "egress-auditor.env"))
+    sut.ok("install", "-D", "-m", "0644", str(handed / "egress-auditor.service"),
+           "/etc/systemd/system/egress-auditor.service")  # fmt: skip
+    sut.ok("install", "-D", "-m", "0644", str(handed / "egress-auditor.env"), "/etc/default/egress-auditor")
     # As an operator would: shorter intervals in the options file, a quicker restart in a drop-in.
     options = sut.path(Path("/etc/default/egress-auditor"))
     text = options.read_text()
