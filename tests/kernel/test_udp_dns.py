@@ -389,7 +389,7 @@ def test_no_cgroup_program_outlives_the_input() -> None:
     before = attached_to_root()
     source = EbpfInput(PLUGIN.defaults() | {"dns": "on"})
     source.open()
-    links = list(source._links)
+    links = list(source.cgroup.links)
     # connect4/6 (TCP and UDP), sendmsg4/6 and recvmsg4/6 (UDP), ingress (DNS).
     assert len(links) == len(CGROUP_PROGRAM_NAMES), "each cgroup hook through a BPF link"
     during = attached_to_root()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from egress_auditor import host
 from egress_auditor.compiler import warning_flags
@@ -14,6 +14,9 @@ from egress_auditor.errors import AuditorError
 from egress_auditor.inputs.count_lines import LINE_MUL, line_bits
 from egress_auditor.inputs.ebpf.plan import AttachPlan
 from egress_auditor.inputs.task_fields import task_fields
+
+if TYPE_CHECKING:
+    from egress_auditor.dns import DnsNames
 
 # bpf(2) command and flag for cgroup programs (uapi/linux/bpf.h).
 _BPF_LINK_CREATE = 28
@@ -89,32 +92,45 @@ def load(plan: AttachPlan, text: str, cflags: list[str]) -> Any:
     return built
 
 
-def attach_cgroup(
-    built: Any, cgroup_fd: int, programs: tuple[tuple[str, str, str], ...]
-) -> tuple[list[int], list[tuple[Any, int, int]]]:
-    """Attach at the cgroup v2 root through BPF links (5.7+: closing them detaches, even on SIGKILL),
-    beside any programs already there; without links, with BPF_F_ALLOW_MULTI. Returns the link fds
-    and the (fn, cgroup fd, type) of programs attached without one (detach_cgroup undoes both)."""
-    from bcc import BPF, BPFAttachType
+class CgroupAttachment:
+    """Programs attached at a cgroup v2 directory: through BPF links (5.7+: closing them detaches,
+    even on SIGKILL), beside any programs already there; without links, with BPF_F_ALLOW_MULTI."""
 
-    links: list[int] = []
-    legacy: list[tuple[Any, int, int]] = []
-    for function, prog_type, attach_name in programs:
-        attach_type = getattr(BPFAttachType, attach_name)
-        fn = built.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
-        try:
-            links.append(host.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, cgroup_fd, attach_type, 0]))
-        except OSError:
-            BPF.attach_func(fn, cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
-            legacy.append((fn, cgroup_fd, attach_type))
-    return links, legacy
+    def __init__(self) -> None:
+        self.links: list[int] = []  # bpf_link fds
+        self._legacy: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) attached without a link
+        self._cgroup_fd: int | None = None
+
+    def attach(self, built: Any, root: str | Path, programs: tuple[tuple[str, str, str], ...]) -> None:
+        from bcc import BPF, BPFAttachType
+
+        if self._cgroup_fd is None:
+            self._cgroup_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        for function, prog_type, attach_name in programs:
+            attach_type = getattr(BPFAttachType, attach_name)
+            fn = built.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
+            try:
+                self.links.append(host.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, self._cgroup_fd, attach_type, 0]))
+            except OSError:
+                BPF.attach_func(fn, self._cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
+                self._legacy.append((fn, self._cgroup_fd, attach_type))
+
+    def close(self) -> None:
+        """Detach every program, and close the cgroup; safe to call again."""
+        for link in self.links:
+            os.close(link)
+        self.links = []
+        if self._legacy:
+            from bcc import BPF
+
+            for fn, cgroup_fd, attach_type in self._legacy:
+                BPF.detach_func(fn, cgroup_fd, attach_type)
+            self._legacy = []
+        if self._cgroup_fd is not None:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = None
 
 
-def detach_cgroup(links: list[int], legacy: list[tuple[Any, int, int]]) -> None:
-    for link in links:
-        os.close(link)
-    if legacy:
-        from bcc import BPF
-
-        for fn, cgroup_fd, attach_type in legacy:
-            BPF.detach_func(fn, cgroup_fd, attach_type)
+def learn_answer(names: DnsNames, event: Any, epoch_offset: float) -> None:
+    """A DNS answer from the DNS ring (bpf/dns.bpf.c) into the name cache; its time on the wall clock."""
+    names.learn(bytes(event.data)[: event.len], event.pid, event.ts_ns / 1e9 + epoch_offset)

@@ -6,7 +6,6 @@ are host-wide; the run names each connection (enrich.py)."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -29,9 +28,7 @@ class DnsAnswers:
         self.names = names
         self.pages = pages
         self.bpf: Any = None
-        self._cgroup_fd: int | None = None
-        self._links: list[int] = []
-        self._legacy: list[tuple[Any, int, int]] = []
+        self.cgroup = build.CgroupAttachment()
         self._epoch_offset = time.time() - time.monotonic()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
 
     def open(self) -> str:
@@ -50,8 +47,7 @@ class DnsAnswers:
             from bcc import BPF  # imported late: the netfilter inputs run without BCC
 
             self.bpf = BPF(text=build.program_text(PIECES, src), cflags=[*cflags, *warning_flags()])
-            self._cgroup_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-            self._links, self._legacy = build.attach_cgroup(self.bpf, self._cgroup_fd, (INGRESS_PROGRAM,))
+            self.cgroup.attach(self.bpf, root, (INGRESS_PROGRAM,))
             self.bpf["dns_events"].open_ring_buffer(self._on_dns)
         except Exception as exc:  # BCC raises bare Exception for compile, load and attach failures
             self.close()
@@ -60,9 +56,7 @@ class DnsAnswers:
         return f"DNS answers: cgroup_skb ingress at {root}"
 
     def _on_dns(self, _ctx: Any, data: Any, _size: int) -> None:
-        event = self.bpf["dns_events"].event(data)
-        wire = bytes(event.data)[: event.len]
-        self.names.learn(wire, event.pid, event.ts_ns / 1e9 + self._epoch_offset)
+        build.learn_answer(self.names, self.bpf["dns_events"].event(data), self._epoch_offset)
 
     def poll(self) -> None:
         """Learn every answer written so far."""
@@ -74,11 +68,7 @@ class DnsAnswers:
         return int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value) if self.bpf is not None else 0
 
     def close(self) -> None:
-        build.detach_cgroup(self._links, self._legacy)
-        self._links, self._legacy = [], []
-        if self._cgroup_fd is not None:
-            os.close(self._cgroup_fd)
-            self._cgroup_fd = None
+        self.cgroup.close()
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

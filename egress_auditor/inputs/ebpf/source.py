@@ -12,7 +12,6 @@ table, recovers any flow whose event was lost, and empties it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -77,9 +76,7 @@ class EbpfInput:
         self._pending: list[Connection] = []
         self._batch_full = False  # the last poll stopped at POLL_BATCH: more may wait in the ring buffer
         self._last_event_ns = 0
-        self._links: list[int] = []  # bpf_link fds: closing them detaches, even on SIGKILL
-        self._legacy_attached: list[tuple[Any, int, int]] = []  # (fn, cgroup fd, type) without links
-        self._cgroup_fd: int | None = None
+        self.cgroup = build.CgroupAttachment()
         self._command_cgroup: tuple[int, int] | None = None  # (id, depth): see restrict_to_cgroup
         self._lines: CountLines | None = None
         self.fingerprint_key: tuple[int, ...] = ()  # the 12 NH keys of the count lines' fingerprints
@@ -187,10 +184,7 @@ class EbpfInput:
 
     def _attach_cgroup(self, programs: tuple[tuple[str, str, str], ...]) -> None:
         assert self.plan is not None and self.plan.cgroup_root is not None
-        self._cgroup_fd = os.open(self.plan.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
-        links, legacy = build.attach_cgroup(self.bpf, self._cgroup_fd, programs)
-        self._links += links
-        self._legacy_attached += legacy
+        self.cgroup.attach(self.bpf, self.plan.cgroup_root, programs)
 
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
         event = self.bpf["events"].event(data)
@@ -207,9 +201,7 @@ class EbpfInput:
         return -1 if self._batch_full else 0
 
     def _on_dns(self, _ctx: Any, data: Any, _size: int) -> None:
-        event = self.bpf["dns_events"].event(data)
-        wire = bytes(event.data)[: event.len]
-        self.names.learn(wire, event.pid, event.ts_ns / 1e9 + self._epoch_offset)
+        build.learn_answer(self.names, self.bpf["dns_events"].event(data), self._epoch_offset)
 
     def _raw_key(self, event: Any) -> bytes:
         """The flow map's key for an event, as the kernel built it (same fields, zeroed padding)."""
@@ -416,11 +408,7 @@ class EbpfInput:
         )
 
     def close(self) -> None:
-        build.detach_cgroup(self._links, self._legacy_attached)
-        self._links, self._legacy_attached = [], []
-        if self._cgroup_fd is not None:
-            os.close(self._cgroup_fd)
-            self._cgroup_fd = None
+        self.cgroup.close()
         if self._lines is not None:
             self._lines.close()
             self._lines = None
