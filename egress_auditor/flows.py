@@ -100,10 +100,7 @@ class FlowTable:
             self.limits.merged_flows += 1
         process = self._held_process(conn.process, flow)
         if process is None:
-            flow.first_seen = min(flow.first_seen, conn.time)
-            flow.last_seen = max(flow.last_seen, conn.time)
-            flow.count += conn.repeats
-            flow.add_details(conn)
+            flow.count_connection(conn)
             return flow, is_new
         if process[1] is not conn.process:
             conn = dataclasses.replace(conn, process=process[1])

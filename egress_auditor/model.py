@@ -175,22 +175,22 @@ class Flow:
     last_seen: float
     count: int = 0
     processes: MutableMapping[tuple[int, float | None], Process] = field(default_factory=FewMap)
-    inputs: frozenset[str] = frozenset()  # one shared set per combination (_inputs_with)
+    inputs: frozenset[str] = frozenset()  # one shared set per combination (_shared_inputs)
     hostnames: tuple[str, ...] = ()
     evidence: Evidence | None = None  # only for flows read back from captures
 
     def add(self, conn: Connection, process_key: tuple[int, float | None] | None = None) -> None:
         """Record a connection; process_key, when given, is (pid, start time) of conn.process, shared."""
-        self.first_seen = min(self.first_seen, conn.time)
-        self.last_seen = max(self.last_seen, conn.time)
-        self.count += conn.repeats
         if process_key is None:
             process_key = (conn.process.pid, conn.process.start_time)
         self.processes.setdefault(process_key, conn.process)
-        self.add_details(conn)
+        self.count_connection(conn)
 
-    def add_details(self, conn: Connection) -> None:
-        """The input and DNS name of a connection, without its process."""
+    def count_connection(self, conn: Connection) -> None:
+        """A connection's times, count, input and DNS name, without listing its process."""
+        self.first_seen = min(self.first_seen, conn.time)
+        self.last_seen = max(self.last_seen, conn.time)
+        self.count += conn.repeats
         if conn.input not in self.inputs:
             self.add_inputs((conn.input,))
         if conn.hostname and conn.hostname not in self.hostnames:
