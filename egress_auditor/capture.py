@@ -51,6 +51,7 @@ class Run:
     summary: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None  # the latest, without its totals: for a run that never wrote its summary
     counted: set[FlowKey] = field(default_factory=set)  # flows with totals of their own, in any record
+    networks: set[FlowKey] = field(default_factory=set)  # of those, networks held past the run's flow cap
 
 
 @dataclass
@@ -119,12 +120,11 @@ def connection(record: dict[str, Any]) -> Connection:
 def _apply_totals(run: Run, summary: dict[str, Any]) -> None:
     """Final counts and times; a flow whose own record never arrived (a Loki
     buffer drop) is still rebuilt, with only what its totals say."""
-    networks: set[FlowKey] = set()
     for totals in summary["totals"]:
         key = _key(totals)
         run.counted.add(key)
         if key.prefix:
-            networks.add(key)
+            run.networks.add(key)
         flow = run.table.get(key)
         if flow is None:
             process = Process(pid=0, name=key.comm, uid=key.uid, attribution=Attribution.NAME_ONLY)
@@ -135,16 +135,15 @@ def _apply_totals(run: Run, summary: dict[str, Any]) -> None:
         run.table.set_kernel_count(key, int(totals["count"]), float(totals["last_seen"]))
         flow.add_hostnames(str(h) for h in totals["hostnames"])
         flow.add_inputs(str(i) for i in totals["inputs"])
-    if networks:
-        _fold_into_networks(run.table, run.counted, networks)
 
 
-def _fold_into_networks(table: FlowTable, counted: set[FlowKey], networks: set[FlowKey]) -> None:
+def _fold_into_networks(run: Run) -> None:
     """A flow record with no totals of its own, inside a network the run held past its flow cap,
-    is that network's first member: its count is in the network's."""
+    is that network's first member: its count is in the network's. Once a run is read whole."""
+    table, networks = run.table, run.networks
     lengths = {(k.prefix, k.family) for k in networks}
     for flow in list(table):
-        if flow.key in counted or flow.key.prefix:
+        if flow.key in run.counted or flow.key.prefix:
             continue
         for length, family in lengths:
             if family is not flow.key.family:
@@ -304,6 +303,8 @@ def read_captures(sources: Iterable[str], redact: bool = True, evidence: bool = 
                 f"run {run.id} on {run.host} has no summary (the capture ends early): "
                 "counts and last-seen times are those of each flow's first record"
             )
+        if run.networks:
+            _fold_into_networks(run)
     flows = merge_flows(_with_evidence(runs.values(), evidence))
     if redact:
         for flow in flows:
