@@ -52,13 +52,13 @@ def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
     """The BPF object and its connect4 function, built as the auditor builds it by default, plus flags."""
     from bcc import BPF, BPFAttachType
 
-    from egress_auditor.inputs.ebpf import count_line_flags, count_lines, identity_flags, plan_attach, program_text
+    from egress_auditor.inputs.ebpf import count_line_flags, count_lines_for, identity_flags, plan_attach, program_text
 
     plan = plan_attach("auto", "auto")
     if plan.tcp_hook != "cgroup":
         raise SystemExit(f"connect_variants: the auditor would not use the cgroup connect hook here ({plan.reason})")
     cflags = [f"-I{src}", *plan.cflags(), *identity_flags()]  # the helpers where the auditor falls back to them
-    lines = count_lines("auto", MAX_FLOWS, plan.buffer)
+    lines = count_lines_for("auto", MAX_FLOWS, plan.buffer)
     if lines:
         cflags += count_line_flags(lines)[1]
     bpf = BPF(text=program_text(plan.pieces(), src), cflags=[*cflags, *flags])
@@ -73,7 +73,7 @@ def load(src: Path, flags: list[str]) -> tuple[Any, Any]:
 
 def claim_slots(bpf: Any) -> Any:
     """As the auditor's sync does: a count line slot for each flow in the map (None without count lines)."""
-    from egress_auditor.inputs.count_lines import CountLines
+    from egress_auditor.inputs.ebpf.count_lines import CountLines
 
     try:
         table = bpf["count_lines"]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"connect_variants: --flows must be a multiple of {PORTS}")
     from bcc import BPF, BPFAttachType
 
-    from egress_auditor import host
+    from egress_auditor.host import facts as host
 
     root = host.cgroup2_root()
     if root is None:

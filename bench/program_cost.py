@@ -80,7 +80,7 @@ def hook_cost(ns: Namespace, loadgen: Path, rounds: int) -> dict[str, dict[str, 
         "cgroup_skb egress": (b"empty_skb", BPF.CGROUP_SKB, BPFAttachType.CGROUP_INET_EGRESS),
         "connect4": (b"empty_addr", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
     }
-    from egress_auditor import host
+    from egress_auditor.host import facts as host
 
     root = host.cgroup2_root()
     if root is None:

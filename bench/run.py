@@ -390,7 +390,7 @@ def empty_connect4() -> Iterator[int]:
     from bcc import BPF, BPFAttachType
 
     from bench.connect_variants import prog_id
-    from egress_auditor import host
+    from egress_auditor.host import facts as host
 
     root = host.cgroup2_root()
     if root is None:

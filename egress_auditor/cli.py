@@ -11,10 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from egress_auditor import __version__, host
-from egress_auditor.compiler import show_warnings
+from egress_auditor import __version__
+from egress_auditor.capture.flows import FLOW_CAP
 from egress_auditor.errors import AuditorError, UsageError
-from egress_auditor.flows import FLOW_CAP
+from egress_auditor.host import facts as host
+from egress_auditor.host.compiler import show_warnings
 from egress_auditor.plugins import registered, select
 
 try:  # typer 0.2x vendors click: its exceptions are not click's own
@@ -137,12 +138,12 @@ def trace(
     ),
 ) -> None:
     """Watch new outbound connections; print the rules that allow them on exit."""
-    from egress_auditor.capture import CaptureError, read_resume
-    from egress_auditor.cgroups import cgroup2_where_hidden
+    from egress_auditor.attribution.cgroups import cgroup2_where_hidden
+    from egress_auditor.attribution.lineage import LineageTracer
+    from egress_auditor.capture.flows import FlowTable
+    from egress_auditor.capture.reader import CaptureError, read_resume
     from egress_auditor.command import AuditedCommand, invoking_user
-    from egress_auditor.flows import FlowTable
-    from egress_auditor.lineage import LineageTracer
-    from egress_auditor.live import LiveTable, PlainLog
+    from egress_auditor.display.live import LiveTable, PlainLog
     from egress_auditor.trace import TraceRun
 
     show_warnings(debug)
@@ -159,9 +160,9 @@ def trace(
     output_sel = select("output", outputs, output_options, default="iptables")
     drift = None
     if baselines:
-        from egress_auditor.baseline import Baseline
-        from egress_auditor.capture import read_captures
-        from egress_auditor.drift import DriftWatch, strictest
+        from egress_auditor.capture.baseline import Baseline
+        from egress_auditor.capture.drift import DriftWatch, strictest
+        from egress_auditor.capture.reader import read_captures
 
         known = read_captures(baselines)
         for note in known.notes:
@@ -224,8 +225,8 @@ def rules(
     raw_cmdlines: bool = typer.Option(False, "--raw-cmdlines", help=RAW_CMDLINES_HELP),
 ) -> None:
     """Write the rules for saved captures, merging hosts and runs; needs no kernel access."""
-    from egress_auditor.capture import read_captures
-    from egress_auditor.review import keep_seen_on
+    from egress_auditor.capture.reader import read_captures
+    from egress_auditor.rules.review import keep_seen_on
 
     if not sources:
         raise UsageError("rules needs at least one --from FILE: a capture written by trace -o json")
@@ -264,8 +265,8 @@ def diff_command(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
     """Destinations added and gone between two sets of captures, with their evidence."""
-    from egress_auditor.capture import read_captures
-    from egress_auditor.diffview import render_json, render_text
+    from egress_auditor.capture.diff import render_json, render_text
+    from egress_auditor.capture.reader import read_captures
 
     if files and not old and not new and len(files) == 2:
         old, new = [files[0]], [files[1]]

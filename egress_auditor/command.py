@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from egress_auditor.cgroups import MOUNTINFO, AuditCgroup, cgroup2_mount
+from egress_auditor.attribution.cgroups import MOUNTINFO, AuditCgroup, cgroup2_mount
+from egress_auditor.attribution.process import CgroupLookup
 from egress_auditor.errors import AuditorError
-from egress_auditor.process import CgroupLookup
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

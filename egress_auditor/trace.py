@@ -34,23 +34,23 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import psutil
 
-from egress_auditor import host
-from egress_auditor.capture import Capture, merge_flows
-from egress_auditor.cgroups import CgroupResolver
+from egress_auditor.attribution.cgroups import CgroupResolver
+from egress_auditor.attribution.enrich import CommandFilter, DnsNaming, Enricher, Enrichment, ProcessDetail
+from egress_auditor.attribution.names import DnsNames
+from egress_auditor.attribution.process import Attributor, ProcessResolver
+from egress_auditor.capture.drift import EXIT_DRIFT, DriftWatch
+from egress_auditor.capture.flows import FlowTable
+from egress_auditor.capture.reader import Capture, merge_flows
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
-from egress_auditor.dns import DnsNames
-from egress_auditor.drift import EXIT_DRIFT, DriftWatch
-from egress_auditor.enrich import CommandFilter, DnsNaming, Enricher, Enrichment, ProcessDetail
+from egress_auditor.display.live import Display
 from egress_auditor.escape import terminal_text
-from egress_auditor.flows import FlowTable
+from egress_auditor.host import facts as host
 from egress_auditor.inputs import Input, InputStats
-from egress_auditor.live import Display
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
 from egress_auditor.outputs import Output
-from egress_auditor.process import Attributor, ProcessResolver
 
 if TYPE_CHECKING:
-    from egress_auditor.lineage import LineageTracer
+    from egress_auditor.attribution.lineage import LineageTracer
 
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1

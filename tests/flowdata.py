@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from egress_auditor.flows import FlowTable
+from egress_auditor.capture.flows import FlowTable
 from egress_auditor.model import Attribution, Connection, Family, Flow, Process, Summary, Transport
 
 START = 1767225600.0  # 2026-01-01T00:00:00Z

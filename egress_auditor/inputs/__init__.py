@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 from egress_auditor.model import Connection, FlowKey
 
 if TYPE_CHECKING:
-    from egress_auditor.dns import DnsNames
+    from egress_auditor.attribution.names import DnsNames
 
 Emit = Callable[[Connection], None]
 OnCount = Callable[[FlowKey, int, float], None]  # (flow, connects added since the last report, last seen)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError, NflogGroup
-from egress_auditor.netfilter.source import (
+from egress_auditor.inputs.netfilter.netlink import NetfilterSocket, NetlinkError, NflogGroup
+from egress_auditor.inputs.netfilter.reader import (
     NetfilterInput,
     Received,
     can_admin_network,

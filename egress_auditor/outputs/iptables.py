@@ -6,17 +6,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from egress_auditor import aggregate as aggregation
-from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, iptables_cgroup_path, rule_comment
 from egress_auditor.model import Family, Flow, Summary
 from egress_auditor.outputs import OutputBase
-from egress_auditor.outputs.firewall import rule_comments, write_atomically
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.policy import Policy, policy_options
-from egress_auditor.provenance import VERBOSE_OPTION, header_lines
-from egress_auditor.rules import comment_text
-from egress_auditor.scope import SCOPES, ScopedRule
+from egress_auditor.rules import aggregate as aggregation
+from egress_auditor.rules import scope as scoping
+from egress_auditor.rules.firewall import rule_comments, write_atomically
+from egress_auditor.rules.policy import Policy, policy_options
+from egress_auditor.rules.provenance import VERBOSE_OPTION, header_lines
+from egress_auditor.rules.rule import comment_text
+from egress_auditor.rules.scope import SCOPES, ScopedRule
 
 ESTABLISHED = "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
 LOOPBACK = "-o lo -j ACCEPT"

@@ -1,6 +1,6 @@
 """JSON Lines output: a `flow` record per new flow as it is seen, a
 `checkpoint` record at each snapshot, a `summary` record at the end
-(records.py; schema in egress_auditor/schema/flow-v1.json).
+(records.py; schema in egress_auditor/capture/schema/flow-v1.json).
 
 To stdout, or appended to a file that is reopened on SIGHUP so logrotate can
 move it away. A record reaches the file whole or not at all: a write that
@@ -17,11 +17,11 @@ import sys
 import uuid
 from typing import Any, TextIO
 
+from egress_auditor.capture.records import drift_record, flow_record, line, summary_record
 from egress_auditor.errors import UsageError
 from egress_auditor.model import Connection, Flow, Summary
 from egress_auditor.outputs import OutputBase
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.records import drift_record, flow_record, line, summary_record
 
 # A count folded from the kernel carries the time of its connect, at most a sync interval (10 s) before
 # the fold: a checkpoint lists every flow seen up to this long before the newest the last one held.

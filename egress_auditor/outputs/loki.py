@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from egress_auditor.capture.records import drift_record, flow_record, summary_record
 from egress_auditor.errors import UsageError
 from egress_auditor.model import Connection, Flow, Summary
 from egress_auditor.outputs import OutputBase
 from egress_auditor.plugins import Option, Plugin, positive_int
-from egress_auditor.records import drift_record, flow_record, summary_record
 
 PUSH_PATH = "/loki/api/v1/push"
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus label names, as Loki takes them

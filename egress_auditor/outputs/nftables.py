@@ -12,17 +12,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from egress_auditor import aggregate as aggregation
-from egress_auditor import scope as scoping
 from egress_auditor.escape import comment_line, nft_cgroup_path, nft_comment
 from egress_auditor.model import Family, Flow, Summary
 from egress_auditor.outputs import OutputBase
-from egress_auditor.outputs.firewall import rule_comments, write_atomically
 from egress_auditor.plugins import Option, Plugin
-from egress_auditor.policy import Policy, policy_options
-from egress_auditor.provenance import VERBOSE_OPTION, header_lines
-from egress_auditor.rules import comment_text
-from egress_auditor.scope import ScopedRule
+from egress_auditor.rules import aggregate as aggregation
+from egress_auditor.rules import scope as scoping
+from egress_auditor.rules.firewall import rule_comments, write_atomically
+from egress_auditor.rules.policy import Policy, policy_options
+from egress_auditor.rules.provenance import VERBOSE_OPTION, header_lines
+from egress_auditor.rules.rule import comment_text
+from egress_auditor.rules.scope import ScopedRule
 
 TABLE = "egress_auditor"
 SET_MIN = 2  # a set is one rule however many destinations: worth it from two on

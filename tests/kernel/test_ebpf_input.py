@@ -20,9 +20,9 @@ import pytest
 from fingerprint import nh_fingerprint
 from netns import Link, Namespace, http_server
 
-from egress_auditor import host
+from egress_auditor.capture.flows import FlowTable, flow_key
 from egress_auditor.errors import AuditorError
-from egress_auditor.flows import FlowTable, flow_key
+from egress_auditor.host import facts as host
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir, plan_attach, program_text
 from egress_auditor.model import Connection, Family, FlowKey, Transport
 

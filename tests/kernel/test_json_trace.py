@@ -17,7 +17,7 @@ from pathlib import Path
 import jsonschema
 from netns import Link
 
-from egress_auditor.records import schema
+from egress_auditor.capture.records import schema
 from kernel.test_nftables_netns import ALSO_SEEN, SEEN, UNSEEN, curl, load, python_client, servers  # noqa: F401
 
 CONSOLE = Path(sys.executable).with_name("egress-auditor")

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from netns import Namespace
 
-from egress_auditor.cgroups import CgroupResolver, cgroup2_mount
-from egress_auditor.lineage import LineageTracer
+from egress_auditor.attribution.cgroups import CgroupResolver, cgroup2_mount
+from egress_auditor.attribution.lineage import LineageTracer
+from egress_auditor.attribution.process import Attributor, ProcessResolver
 from egress_auditor.model import Attribution, Connection, Process, Transport
 from egress_auditor.plugins import select
-from egress_auditor.process import Attributor, ProcessResolver
 
 PYTHON = "/usr/bin/python3"
 CONNECT = "import socket,sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1])))"

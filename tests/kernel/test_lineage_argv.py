@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from egress_auditor import host
-from egress_auditor.lineage import (
+from egress_auditor.attribution.lineage import (
     ARGS_CUT,
     ARGS_FROM_STACK,
     ARGS_FROM_SYSCALLS,
@@ -25,6 +24,7 @@ from egress_auditor.lineage import (
     ProcessEvent,
     ProcessTable,
 )
+from egress_auditor.host import facts as host
 
 EXEC = 2  # EA_PROC_EXEC
 ARGS_SIZE = 512  # EA_ARGS_SIZE

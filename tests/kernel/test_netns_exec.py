@@ -10,7 +10,7 @@ from pathlib import Path
 
 from netns import Namespace
 
-from egress_auditor.cgroups import AUDIT_CGROUP_PREFIX, cgroup2_mount
+from egress_auditor.attribution.cgroups import AUDIT_CGROUP_PREFIX, cgroup2_mount
 
 EGRESS_AUDITOR = str(Path(sys.executable).with_name("egress-auditor"))
 CONNECT = "import socket,sys; socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1])))"

@@ -24,7 +24,7 @@ from egress_auditor.escape import nft_cgroup_path, nft_comment
 from egress_auditor.model import Attribution, Connection, Flow, Process
 from egress_auditor.outputs.nftables import TABLE, scoped_rules
 from egress_auditor.plugins import select
-from egress_auditor.rules import comment_text
+from egress_auditor.rules.rule import comment_text
 from kernel.test_rule_injection import assert_no_markers, hostile_connections
 
 SEEN, ALSO_SEEN, UNSEEN = 18090, 18092, 18091

@@ -10,14 +10,15 @@ import sys
 
 import pytest
 
-from egress_auditor import cli, compiler
+from egress_auditor import cli
 from egress_auditor.errors import UsageError
+from egress_auditor.host import compiler
 
 # clang warns by default about a literal's implicit conversion: "changes value from 1.5 to 1".
 COMPILE = (
     "import sys\n"
     "from bcc import BPF\n"
-    "from egress_auditor.compiler import show_warnings, warning_flags\n"
+    "from egress_auditor.host.compiler import show_warnings, warning_flags\n"
     "show_warnings(sys.argv[1] == 'debug')\n"
     "BPF(text='int f(void *ctx) { int x = 1.5; return x; }', cflags=warning_flags())\n"
 )

@@ -16,7 +16,7 @@ from netns import Namespace
 from egress_auditor.escape import COMMENT_MAX, rule_comment
 from egress_auditor.model import Connection, Family, Flow
 from egress_auditor.plugins import select
-from egress_auditor.rules import Rule, rules_from_flows
+from egress_auditor.rules.rule import Rule, rules_from_flows
 
 RuleKey = tuple[str, str, str, str]  # destination/prefix, protocol, port, comment
 MARKERS = "PQRSTUVWXYZ"

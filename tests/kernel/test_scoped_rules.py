@@ -16,7 +16,7 @@ import pytest
 from flowdata import START, conn, flows_of, proc, summary
 from netns import Link, Namespace, http_server
 
-from egress_auditor.cgroups import cgroup2_mount
+from egress_auditor.attribution.cgroups import cgroup2_mount
 from egress_auditor.model import Attribution, Connection
 from egress_auditor.plugins import select
 from kernel.test_rule_injection import assert_no_markers, hostile_connections

@@ -30,7 +30,7 @@ import pytest
 from netns import Namespace
 from service_unit import as_root_service, unit_capabilities
 
-from egress_auditor.cgroups import cgroup2_mount
+from egress_auditor.attribution.cgroups import cgroup2_mount
 
 EGRESS_AUDITOR = str(Path(sys.executable).with_name("egress-auditor"))
 PYTHON = "/usr/bin/python3"

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from netns import Link
 
-from egress_auditor import host
+from egress_auditor.host import facts as host
+from egress_auditor.host.btf import TASK_COMM_LEN, task_fields
 from egress_auditor.inputs import ebpf
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir
-from egress_auditor.inputs.task_fields import TASK_COMM_LEN, task_fields
 
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 BASE_PORT = 18300  # one closed port per name: a refused connect is a connect all the same

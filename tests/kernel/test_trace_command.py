@@ -20,7 +20,7 @@ from pathlib import Path
 
 from netns import Namespace
 
-from egress_auditor.cgroups import cgroup2_mount
+from egress_auditor.attribution.cgroups import cgroup2_mount
 
 EGRESS_AUDITOR = str(Path(sys.executable).with_name("egress-auditor"))
 PYTHON = "/usr/bin/python3"

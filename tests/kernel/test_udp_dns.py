@@ -21,10 +21,10 @@ import pytest
 from dnsserver import RAW_QUERY, dnsmasq, hostile_dns, resolv_conf
 from netns import Link, http_server
 
-from egress_auditor import host
-from egress_auditor.enrich import DnsNaming
+from egress_auditor.attribution.enrich import DnsNaming
+from egress_auditor.capture.flows import FlowTable
 from egress_auditor.escape import rule_comment, terminal_text
-from egress_auditor.flows import FlowTable
+from egress_auditor.host import facts as host
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput
 from egress_auditor.model import Connection, FlowKey, Transport
 

@@ -10,10 +10,10 @@ from flowdata import START, conn, flows_of, proc, summary
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egress_auditor.aggregate import THRESHOLD, aggregate, parse, smallest_prefix
 from egress_auditor.model import Connection
 from egress_auditor.plugins import select
-from egress_auditor.scope import ScopedRule, scoped_rules
+from egress_auditor.rules.aggregate import THRESHOLD, aggregate, parse, smallest_prefix
+from egress_auditor.rules.scope import ScopedRule, scoped_rules
 
 CURL = proc(4242, "curl", 1000, "alice", ["curl"])
 BOB = proc(4343, "curl", 1001, "bob", ["curl"])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_auditor import host
 from egress_auditor.errors import AuditorError
+from egress_auditor.host import facts as host
 from egress_auditor.inputs.ebpf import SHORT_PATHS, TCP_HOOKS, AttachPlan, plan_attach
 
 

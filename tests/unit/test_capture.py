@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from flowdata import CURL, NTP, START, WGET, conn, proc, sample_connections, summary
 
-from egress_auditor.capture import CaptureError, read_captures
+from egress_auditor.capture.flows import FlowTable
+from egress_auditor.capture.reader import CaptureError, read_captures
 from egress_auditor.errors import UsageError
-from egress_auditor.flows import FlowTable
 from egress_auditor.model import Connection, Summary
 from egress_auditor.outputs.json_lines import JsonLinesOutput
 from egress_auditor.plugins import select
-from egress_auditor.rules import rules_from_flows
+from egress_auditor.rules.rule import rules_from_flows
 
 CONSOLE = Path(sys.executable).with_name("egress-auditor")
 
@@ -232,7 +232,7 @@ def test_evidence_weighs_hosts_runs_and_start_up(tmp_path: Path) -> None:
 
 
 def test_min_hosts_keeps_rules_seen_widely_and_lists_the_rest(tmp_path: Path) -> None:
-    from egress_auditor.review import keep_seen_on
+    from egress_auditor.rules.review import keep_seen_on
 
     web1 = [conn(CURL, "192.0.2.10", 443, START), conn(NTP, "203.0.113.5", 123, START + 1)]
     web2 = [conn(WGET, "192.0.2.10", 443, START + 10)]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_auditor import cgroups
-from egress_auditor.cgroups import AuditCgroup, CgroupResolver, cgroup2_mount, service_of
+from egress_auditor.attribution import cgroups
+from egress_auditor.attribution.cgroups import AuditCgroup, CgroupResolver, cgroup2_mount, service_of
 
 HYBRID = """\
 25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw

@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 from fingerprint import flow_key, nh_fingerprint
 
-from egress_auditor.inputs.count_lines import LINE_SLOTS, fingerprint_line, line_bits
-from egress_auditor.inputs.ebpf import count_lines
+from egress_auditor.inputs.ebpf import count_lines_for
+from egress_auditor.inputs.ebpf.count_lines import LINE_SLOTS, fingerprint_line, line_bits
 
 LOOPBACK_NET = bytes([127, 100])  # the bench's destinations: 127.100.0.a
 
@@ -38,7 +38,7 @@ def slots_missed(fingerprints: list[int], lines: int) -> int:
 def test_flows_that_differ_by_port_spread_over_the_lines_whatever_the_keys(seed: int) -> None:
     rng = random.Random(seed)
     keys = [rng.getrandbits(32) for _ in range(12)]
-    lines = count_lines("auto", 65536, "ringbuf")
+    lines = count_lines_for("auto", 65536, "ringbuf")
     for comm_per_port in (False, True):
         fps = [nh_fingerprint(keys, raw)[0] for raw in bench_flows(comm_per_port)]
         assert len(set(fps)) == 10_000

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from flowdata import START, conn, proc, summary
 
-from egress_auditor.baseline import diff
-from egress_auditor.capture import read_captures
+from egress_auditor.capture.baseline import diff
+from egress_auditor.capture.reader import read_captures
 from egress_auditor.model import Connection, Transport
 from unit.test_capture import capture
 

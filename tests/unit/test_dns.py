@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress_auditor.dns import MIN_TTL_S, DnsNames, parse_answer
+from egress_auditor.attribution.names import MIN_TTL_S, DnsNames, parse_answer
 
 
 def answer(name: str, *records: tuple[str, int, str, str]) -> bytes:

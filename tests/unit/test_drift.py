@@ -10,11 +10,11 @@ from pathlib import Path
 
 from flowdata import START, conn, flows_of, proc, summary
 
-from egress_auditor.baseline import Baseline
-from egress_auditor.drift import DriftWatch, strictest
+from egress_auditor.capture.baseline import Baseline
+from egress_auditor.capture.drift import DriftWatch, strictest
+from egress_auditor.capture.records import schema
 from egress_auditor.model import Process
 from egress_auditor.outputs.json_lines import JsonLinesOutput
-from egress_auditor.records import schema
 from unit.test_loki import FakeLoki, make
 
 ALICE = proc(4242, "curl", 1000, "alice", ["curl"])
@@ -81,4 +81,3 @@ def test_drift_records_are_valid(tmp_path: Path) -> None:
         assert any(labels["kind"] == "drift" for labels, _, _ in loki.entries)
     finally:
         loki.stop()
-

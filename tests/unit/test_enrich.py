@@ -7,9 +7,9 @@ import dataclasses
 import io
 import ipaddress
 
-from egress_auditor.dns import DnsNames
-from egress_auditor.enrich import CommandFilter, DnsNaming, Enrichment, ProcessDetail
-from egress_auditor.live import PlainLog
+from egress_auditor.attribution.enrich import CommandFilter, DnsNaming, Enrichment, ProcessDetail
+from egress_auditor.attribution.names import DnsNames
+from egress_auditor.display.live import PlainLog
 from egress_auditor.model import Attribution, Connection, Family, Process, Transport
 from egress_auditor.trace import TraceRun
 
@@ -83,7 +83,11 @@ def test_a_trace_run_filters_by_the_command_then_attributes_then_names() -> None
     run = TraceRun(inputs=[], outputs=[], display=PlainLog(io.StringIO()), attributor=Known())  # type: ignore[arg-type]
     assert [type(e) for e in run.enrichment.enrichers] == [ProcessDetail, DnsNaming]
     command_run = TraceRun(
-        inputs=[], outputs=[], display=PlainLog(io.StringIO()), command=Owns({7}), attributor=Known()  # type: ignore[arg-type]
+        inputs=[],
+        outputs=[],
+        display=PlainLog(io.StringIO()),
+        command=Owns({7}),
+        attributor=Known(),  # type: ignore[arg-type]
     )
     assert [type(e) for e in command_run.enrichment.enrichers] == [CommandFilter, ProcessDetail, DnsNaming]
     command_run.names.learn(dns_answer("www.example.test", str(ADDRESS)), pid=0, now=999.0)

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.text import Text
 
+from egress_auditor.display.live import new_flow_line
 from egress_auditor.escape import COMMENT_LINE_MAX, COMMENT_MAX, comment_line, rule_comment, terminal_text
-from egress_auditor.live import new_flow_line
 
 HOSTILE = [
     '";touch /tmp/P',

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from egress_auditor import lineage
-from egress_auditor.inputs import count_lines, ebpf, task_fields
+from egress_auditor.attribution import lineage
+from egress_auditor.host import btf as task_fields
+from egress_auditor.inputs import ebpf
+from egress_auditor.inputs.ebpf import count_lines
 from egress_auditor.model import Family
 
 EVENTS_H = Path(__file__).resolve().parents[2] / "bpf" / "events.h"

@@ -9,9 +9,9 @@ import ipaddress
 import pytest
 from flowdata import START, conn, proc
 
-from egress_auditor import flows
-from egress_auditor.flows import FlowTable
-from egress_auditor.rules import rules_from_flows
+from egress_auditor.capture import flows
+from egress_auditor.capture.flows import FlowTable
+from egress_auditor.rules.rule import rules_from_flows
 
 CURL = proc(100, "curl", 0, "root", ["curl", "http://example/"])
 

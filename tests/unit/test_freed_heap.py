@@ -13,7 +13,7 @@ import pytest
 # alone cannot shrink the heap past it, so RssAnon stays until the heap is trimmed.
 PROGRAM = """
 import ctypes, sys
-from egress_auditor import host
+from egress_auditor.host import facts as host
 
 def anon_mb():
     for line in open("/proc/self/status"):
@@ -48,4 +48,3 @@ def test_freed_heap_goes_back_to_the_kernel_only_when_released() -> None:
     before, after, released = run("trim")
     assert released == "True"
     assert before - after > 50, (before, after)
-

@@ -16,12 +16,12 @@ from flowdata import START, conn, proc, sample_connections, summary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from egress_auditor.capture.flows import FlowTable
+from egress_auditor.capture.records import VERSION, schema
 from egress_auditor.errors import UsageError
-from egress_auditor.flows import FlowTable
 from egress_auditor.model import Attribution, Connection, Family, Transport
 from egress_auditor.outputs.json_lines import JsonLinesOutput
 from egress_auditor.plugins import select
-from egress_auditor.records import VERSION, schema
 
 VALIDATOR = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
 CONSOLE = Path(sys.executable).with_name("egress-auditor")
@@ -52,7 +52,7 @@ def records(text: str) -> list[dict]:
 def test_schema_is_shipped_in_the_package_and_is_valid() -> None:
     jsonschema.Draft202012Validator.check_schema(schema())
     assert schema()["$id"].endswith(f":{VERSION}")
-    assert Path(__file__).resolve().parents[2].joinpath("egress_auditor", "schema", "flow-v1.json").is_file()
+    assert Path(__file__).resolve().parents[2].joinpath("egress_auditor", "capture", "schema", "flow-v1.json").is_file()
 
 
 def test_schema_names_every_attribution_and_protocol() -> None:

@@ -3,7 +3,7 @@ CLONE_PARENT, seeds racing the first events, losses and the bound."""
 
 from __future__ import annotations
 
-from egress_auditor.lineage import (
+from egress_auditor.attribution.lineage import (
     CLONE_PARENT,
     PROC_EXEC,
     PROC_EXIT,

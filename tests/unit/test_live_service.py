@@ -8,8 +8,8 @@ import io
 from flowdata import START, conn, proc
 from rich.console import Console
 
-from egress_auditor.flows import FlowTable
-from egress_auditor.live import LiveTable
+from egress_auditor.capture.flows import FlowTable
+from egress_auditor.display.live import LiveTable
 
 
 def test_the_live_table_has_a_service_column() -> None:

@@ -22,12 +22,12 @@ import jsonschema
 import pytest
 from flowdata import START, conn, proc, sample_connections, summary
 
+from egress_auditor.capture.flows import FlowTable
+from egress_auditor.capture.records import schema
 from egress_auditor.errors import UsageError
-from egress_auditor.flows import FlowTable
 from egress_auditor.model import Connection
 from egress_auditor.outputs.loki import LokiOutput
 from egress_auditor.plugins import select
-from egress_auditor.records import schema
 
 CUT = -1  # an answer FakeLoki breaks off
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")

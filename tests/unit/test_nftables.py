@@ -17,7 +17,7 @@ from egress_auditor.escape import NFT_COMMENT_MAX
 from egress_auditor.model import Attribution, Connection, Flow, Process, Summary
 from egress_auditor.outputs.nftables import TABLE, scoped_rules
 from egress_auditor.plugins import select
-from egress_auditor.rules import rules_from_flows
+from egress_auditor.rules.rule import rules_from_flows
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("EA_UPDATE_GOLDEN") == "1"

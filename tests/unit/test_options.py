@@ -318,18 +318,18 @@ def test_cli_doctor_failure_is_exit_status_1(nobody_cli: list[str]) -> None:
 
 
 def test_count_lines_option_and_how_many_are_built() -> None:
-    from egress_auditor.inputs.ebpf import count_lines
+    from egress_auditor.inputs.ebpf import count_lines_for
 
     chosen = [
         select("input", ["ebpf"], [f"ebpf:count_lines:{v}"], default="ebpf").chosen["ebpf"]["count_lines"]
         for v in ("auto", "off", "4096")
     ]
     assert chosen == ["auto", "off", 4096]
-    assert count_lines("auto", 65536, "ringbuf") == 32768
-    assert count_lines("auto", 100, "ringbuf") == 64  # one per two flows, rounded up to a power of two
-    assert count_lines("auto", 2, "ringbuf") == 1
-    assert count_lines("auto", 1 << 24, "ringbuf") == 1 << 23  # the largest map that may be asked for
-    assert count_lines("auto", 1, "ringbuf") == 1
-    assert count_lines(4096, 65536, "ringbuf") == 4096
-    assert count_lines("off", 65536, "ringbuf") == 0
-    assert count_lines("auto", 65536, "perf") == 0  # older kernels: the flow map alone
+    assert count_lines_for("auto", 65536, "ringbuf") == 32768
+    assert count_lines_for("auto", 100, "ringbuf") == 64  # one per two flows, rounded up to a power of two
+    assert count_lines_for("auto", 2, "ringbuf") == 1
+    assert count_lines_for("auto", 1 << 24, "ringbuf") == 1 << 23  # the largest map that may be asked for
+    assert count_lines_for("auto", 1, "ringbuf") == 1
+    assert count_lines_for(4096, 65536, "ringbuf") == 4096
+    assert count_lines_for("off", 65536, "ringbuf") == 0
+    assert count_lines_for("auto", 65536, "perf") == 0  # older kernels: the flow map alone

@@ -10,9 +10,9 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egress_auditor.model import Family, Transport
-from egress_auditor.netfilter import netlink, packets
-from egress_auditor.netfilter.rules import (
+from egress_auditor.inputs.netfilter import netlink, packets
+from egress_auditor.inputs.netfilter.reader import LossCounter
+from egress_auditor.inputs.netfilter.taps import (
     Owner,
     Target,
     host_writes_nft,
@@ -22,7 +22,7 @@ from egress_auditor.netfilter.rules import (
     process_start,
     tagged_iptables_rules,
 )
-from egress_auditor.netfilter.source import LossCounter
+from egress_auditor.model import Family, Transport
 
 SRC4, DST4 = "10.0.0.1", "192.0.2.7"
 SRC6, DST6 = "fd00::1", "2001:db8::7"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from egress_auditor.inputs.netfilter.packets import Packet
+from egress_auditor.inputs.netfilter.sockets import SocketTable, match, parse_table
 from egress_auditor.model import Family, Transport
-from egress_auditor.netfilter.packets import Packet
-from egress_auditor.sockets import SocketTable, match, parse_table
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode"
 

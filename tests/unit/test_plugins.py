@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from egress_auditor.display.live import Display, LiveTable, PlainLog
 from egress_auditor.errors import AuditorError
 from egress_auditor.inputs import Input, InputBase, InputStats
-from egress_auditor.live import Display, LiveTable, PlainLog
 from egress_auditor.model import Summary
 from egress_auditor.outputs import Output, OutputBase
 from egress_auditor.plugins import GROUPS, Plugin, contract_methods, registered, select

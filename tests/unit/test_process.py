@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
+from egress_auditor.attribution.process import ProcessResolver
 from egress_auditor.model import Attribution
-from egress_auditor.process import ProcessResolver
 
 
 def test_a_cached_process_that_execs_is_read_again() -> None:

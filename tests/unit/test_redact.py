@@ -17,12 +17,12 @@ from flowdata import START, conn, proc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egress_auditor.capture import read_captures
+from egress_auditor.attribution.redact import redact_cmdline, redact_process
+from egress_auditor.capture.reader import read_captures
+from egress_auditor.display.live import PlainLog
 from egress_auditor.inputs import InputBase
-from egress_auditor.live import PlainLog
 from egress_auditor.plugins import select
-from egress_auditor.redact import redact_cmdline, redact_process
-from egress_auditor.rules import rules_from_flows
+from egress_auditor.rules.rule import rules_from_flows
 from egress_auditor.trace import TraceRun
 
 CONSOLE = Path(sys.executable).with_name("egress-auditor")

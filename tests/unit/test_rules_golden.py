@@ -18,7 +18,7 @@ from flowdata import KERNEL_ROOT, KERNEL_WWW, START, conn, flows_of, sample_conn
 from egress_auditor.escape import COMMENT_MAX, rule_comment
 from egress_auditor.model import Flow, Process, Summary
 from egress_auditor.plugins import select
-from egress_auditor.rules import rules_from_flows
+from egress_auditor.rules.rule import rules_from_flows
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("EA_UPDATE_GOLDEN") == "1"

@@ -14,7 +14,7 @@ from egress_auditor.escape import iptables_cgroup_path
 from egress_auditor.model import Attribution, Connection, Process
 from egress_auditor.outputs import nftables
 from egress_auditor.plugins import select
-from egress_auditor.scope import scoped_rules
+from egress_auditor.rules.scope import scoped_rules
 
 NGINX = "/system.slice/nginx.service"
 HOSTILE = '/user.slice/a"b; touch x.scope'

@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 from flowdata import CURL, NTP, START, WGET, conn, summary
 
-from egress_auditor.capture import read_captures, read_resume
-from egress_auditor.flows import FlowTable, flow_key
+from egress_auditor.capture.flows import FlowTable, flow_key
+from egress_auditor.capture.reader import read_captures, read_resume
+from egress_auditor.display.live import PlainLog
 from egress_auditor.inputs import InputBase, InputStats
-from egress_auditor.live import PlainLog
 from egress_auditor.model import Connection, Transport
 from egress_auditor.plugins import select
 from egress_auditor.trace import TraceRun

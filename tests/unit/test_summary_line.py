@@ -14,8 +14,8 @@ import psutil
 import pytest
 from flowdata import START, conn, proc
 
+from egress_auditor.display.live import LiveTable, PlainLog
 from egress_auditor.inputs import InputBase, InputStats
-from egress_auditor.live import LiveTable, PlainLog
 from egress_auditor.trace import TraceRun, time_span
 
 LINE = re.compile(
@@ -87,7 +87,7 @@ def test_without_the_option_no_summary_line() -> None:
 def test_the_live_table_shows_no_summary_line() -> None:
     from rich.console import Console
 
-    from egress_auditor.flows import FlowTable
+    from egress_auditor.capture.flows import FlowTable
 
     out = io.StringIO()
     LiveTable(Console(file=out), FlowTable()).summary("egress-auditor: summary: 1 flows")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from egress_auditor import trace
+from egress_auditor.display.live import PlainLog
 from egress_auditor.inputs import InputBase, InputStats
-from egress_auditor.live import PlainLog
 from egress_auditor.trace import TraceRun
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from egress_auditor.host import fentry_usable
+from egress_auditor.host.facts import fentry_usable
 
 EGRESS_AUDITOR = Path(sys.executable).with_name("egress-auditor")
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"

@@ -6,7 +6,7 @@ program alone, for the netfilter inputs)."""
 from egress_auditor.inputs.ebpf.build import (
     bpf_source_dir,
     count_line_flags,
-    count_lines,
+    count_lines_for,
     identity_flags,
     program_text,
 )
@@ -26,7 +26,7 @@ __all__ = [
     "EbpfInput",
     "bpf_source_dir",
     "count_line_flags",
-    "count_lines",
+    "count_lines_for",
     "identity_flags",
     "plan_attach",
     "program_text",

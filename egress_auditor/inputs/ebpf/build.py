@@ -8,31 +8,21 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from egress_auditor import host
-from egress_auditor.compiler import warning_flags
-from egress_auditor.errors import AuditorError
-from egress_auditor.inputs.count_lines import LINE_MUL, line_bits
+from egress_auditor.host import facts as host
+from egress_auditor.host.btf import task_fields
+from egress_auditor.host.compiler import bpf_source_dir, warning_flags
+from egress_auditor.inputs.ebpf.count_lines import LINE_MUL, line_bits
 from egress_auditor.inputs.ebpf.plan import AttachPlan
-from egress_auditor.inputs.task_fields import task_fields
 
 if TYPE_CHECKING:
-    from egress_auditor.dns import DnsNames
+    from egress_auditor.attribution.names import DnsNames
 
 # bpf(2) command and flag for cgroup programs (uapi/linux/bpf.h).
 _BPF_LINK_CREATE = 28
 _BPF_F_ALLOW_MULTI = 2
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 # Before every program: where events leave (the one choice of ring or perf buffer), then the flow map.
 SHARED_PIECES = ("output.bpf.c", "flow_map.bpf.c")
-
-
-def bpf_source_dir() -> Path:
-    """bpf/ beside the package (checkout, editable install) or shipped inside it."""
-    for candidate in (BPF_DIR, Path(__file__).resolve().parents[3] / "bpf"):
-        if (candidate / "flow_map.bpf.c").exists():
-            return candidate
-    raise AuditorError(f"BPF sources not found (looked in {BPF_DIR})")
 
 
 def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
@@ -47,7 +37,7 @@ def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
     return "\n".join(parts).encode()
 
 
-def count_lines(option: str | int, max_flows: int, buffer: str) -> int:
+def count_lines_for(option: str | int, max_flows: int, buffer: str) -> int:
     """Count lines to build: 0 for none. auto: one per two flows the map holds, the flows rounded up
     to a power of two (a slot per flow, 2 MB at the default 65,536). The array's size is what a
     repeat pays for when many flows come in turn: 4 MB cost a 10,000-flow load up to 85 ns more

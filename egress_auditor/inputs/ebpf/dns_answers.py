@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from egress_auditor import host
-from egress_auditor.compiler import warning_flags
-from egress_auditor.dns import DnsNames
+from egress_auditor.attribution.names import DnsNames
 from egress_auditor.errors import AuditorError
+from egress_auditor.host import facts as host
+from egress_auditor.host.compiler import warning_flags
 from egress_auditor.inputs.ebpf import build
 from egress_auditor.inputs.ebpf.decode import STAT_EVENTS_LOST
 from egress_auditor.inputs.ebpf.plan import INGRESS_PROGRAM

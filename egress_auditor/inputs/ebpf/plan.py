@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from egress_auditor import host
 from egress_auditor.errors import AuditorError
+from egress_auditor.host import facts as host
 
 # (function, program type, attach type) of the programs attached at the cgroup v2 root.
 CONNECT_PROGRAMS = (

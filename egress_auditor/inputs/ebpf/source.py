@@ -17,13 +17,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from egress_auditor import host
-from egress_auditor.dns import DnsNames
+from egress_auditor.attribution.names import DnsNames
 from egress_auditor.errors import AuditorError
+from egress_auditor.host import facts as host
 from egress_auditor.inputs import Emit, InputStats, OnCount
-from egress_auditor.inputs.count_lines import CountLines
 from egress_auditor.inputs.ebpf import build
-from egress_auditor.inputs.ebpf.build import count_line_flags, count_lines
+from egress_auditor.inputs.ebpf.build import count_line_flags, count_lines_for
+from egress_auditor.inputs.ebpf.count_lines import CountLines
 from egress_auditor.inputs.ebpf.decode import (
     EVENT_MAP_FULL,
     FLOW_KEY_FIELDS,
@@ -105,7 +105,7 @@ class EbpfInput:
         if self._command_cgroup is not None:
             cflags += ["-DEA_CGROUP_FILTER", f"-DEA_CGROUP_ID={self._command_cgroup[0]}ULL"]
             cflags.append(f"-DEA_CGROUP_LEVEL={self._command_cgroup[1]}")
-        lines = count_lines(self.options["count_lines"], self.options["max_flows"], self.plan.buffer)
+        lines = count_lines_for(self.options["count_lines"], self.options["max_flows"], self.plan.buffer)
         if lines:
             self.fingerprint_key, line_flags = count_line_flags(lines)
             cflags += line_flags

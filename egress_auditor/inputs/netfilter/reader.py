@@ -16,18 +16,18 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from egress_auditor import host
 from egress_auditor.errors import AuditorError
+from egress_auditor.host import facts as host
 from egress_auditor.inputs import Emit, InputBase, InputStats
+from egress_auditor.inputs.netfilter import packets
+from egress_auditor.inputs.netfilter.netlink import NetfilterSocket, NetlinkError
+from egress_auditor.inputs.netfilter.sockets import SocketTable
+from egress_auditor.inputs.netfilter.taps import Firewall, Owner, Target
 from egress_auditor.model import Attribution, Connection, Process, Transport
-from egress_auditor.netfilter import packets
-from egress_auditor.netfilter.netlink import NetfilterSocket, NetlinkError
-from egress_auditor.netfilter.rules import Firewall, Owner, Target
 from egress_auditor.plugins import Option
-from egress_auditor.sockets import SocketTable
 
 if TYPE_CHECKING:
-    from egress_auditor.dns import DnsNames
+    from egress_auditor.attribution.names import DnsNames
     from egress_auditor.inputs.ebpf.dns_answers import DnsAnswers
 
 UNKNOWN = "unknown"  # the name of a process whose socket was gone before it could be matched

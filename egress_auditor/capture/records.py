@@ -2,7 +2,7 @@
 capture.py: one `flow` record per new flow, a `checkpoint` record at each
 snapshot (a summary as of then), one `summary` record at the end.
 
-The format is versioned; egress_auditor/schema/flow-v1.json describes it.
+The format is versioned; egress_auditor/capture/schema/flow-v1.json describes it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SCHEMA_FILE = "flow-v1.json"
 
 def schema() -> dict[str, Any]:
     """The JSON Schema of version 1, as shipped inside the package."""
-    return json.loads(resources.files("egress_auditor").joinpath("schema", SCHEMA_FILE).read_text())
+    return json.loads(resources.files("egress_auditor.capture").joinpath("schema", SCHEMA_FILE).read_text())
 
 
 def utc(seconds: float) -> str:

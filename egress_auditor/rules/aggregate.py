@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from egress_auditor.model import Family, IPAddress
 from egress_auditor.plugins import Option
-from egress_auditor.scope import ScopedRule
+from egress_auditor.rules.scope import ScopedRule
 
 THRESHOLD = 3
 DEFAULT_V6 = 64

@@ -122,7 +122,7 @@ _GPL = b"GPL\0"
 def fentry_usable() -> tuple[bool, str]:
     """Load an empty fentry program on each function the TCP path needs, attach it and detach it
     at once: the kernel's own answer (trampolines, BTF, and a policy that lets them load)."""
-    from egress_auditor.inputs.task_fields import function_btf_ids  # late: host is imported by the inputs
+    from egress_auditor.host.btf import function_btf_ids  # late: host is imported by the inputs
 
     ids = function_btf_ids(KPROBE_FUNCTIONS)
     if ids is None:
@@ -311,7 +311,7 @@ def checks() -> list[Check]:
             required=False,
         )
     )
-    from egress_auditor.inputs.task_fields import task_fields  # late: host is imported by the inputs
+    from egress_auditor.host.btf import task_fields  # late: host is imported by the inputs
 
     fields = task_fields()
     result.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from egress_auditor.baseline import Baseline
+from egress_auditor.capture.baseline import Baseline
 from egress_auditor.model import Flow
 
 EXIT_DRIFT = 3  # `trace --baseline` found connections the baseline does not cover

@@ -10,10 +10,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from egress_auditor.capture.flows import FlowTable
+from egress_auditor.display.ports import port_label
 from egress_auditor.escape import terminal_text
-from egress_auditor.flows import FlowTable
 from egress_auditor.model import Connection, Flow, FlowKey, Transport
-from egress_auditor.services import port_label
 
 
 class Display(Protocol):

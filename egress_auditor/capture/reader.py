@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from egress_auditor.attribution.redact import redact_process
+from egress_auditor.capture.flows import FlowTable, network_key
+from egress_auditor.capture.records import VERSION, utc
 from egress_auditor.errors import UsageError
-from egress_auditor.flows import FlowTable, network_key
 from egress_auditor.model import (
     Attribution,
     Connection,
@@ -32,9 +34,7 @@ from egress_auditor.model import (
     Summary,
     Transport,
 )
-from egress_auditor.provenance import STARTUP_S
-from egress_auditor.records import VERSION, utc
-from egress_auditor.redact import redact_process
+from egress_auditor.rules.provenance import STARTUP_S
 
 _FAMILIES = {"ipv4": Family.IPV4, "ipv6": Family.IPV6}
 

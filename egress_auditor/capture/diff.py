@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from egress_auditor.baseline import Diff, describe, diff, evidence
-from egress_auditor.capture import Capture
+from egress_auditor.capture.baseline import Diff, describe, diff, evidence
+from egress_auditor.capture.reader import Capture
 from egress_auditor.escape import terminal_text
 
 

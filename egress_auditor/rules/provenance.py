@@ -12,7 +12,7 @@ import time
 from egress_auditor import __version__
 from egress_auditor.model import Process, Summary
 from egress_auditor.plugins import Option
-from egress_auditor.rules import Rule
+from egress_auditor.rules.rule import Rule
 
 
 def stamp(seconds: float) -> str:

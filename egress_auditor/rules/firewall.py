@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 from egress_auditor.escape import comment_line
-from egress_auditor.provenance import rule_lines
-from egress_auditor.scope import ScopedRule
+from egress_auditor.rules.provenance import rule_lines
+from egress_auditor.rules.scope import ScopedRule
 
 
 def rule_comments(scoped: ScopedRule, verbose: int, indent: str = "") -> list[str]:

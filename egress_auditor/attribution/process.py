@@ -16,7 +16,7 @@ from typing import Protocol
 
 import psutil
 
-from egress_auditor.cgroups import service_of
+from egress_auditor.attribution.cgroups import service_of
 from egress_auditor.model import Attribution, Connection, Process
 
 # A process whose start is this much after the event cannot have made it.

@@ -15,9 +15,9 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from egress_auditor.cgroups import AUDIT_CGROUP_PREFIX
+from egress_auditor.attribution.cgroups import AUDIT_CGROUP_PREFIX
 from egress_auditor.model import Flow
-from egress_auditor.rules import Rule, rules_from_flows
+from egress_auditor.rules.rule import Rule, rules_from_flows
 
 SCOPES = ("none", "user", "cgroup")
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import psutil
 
-from egress_auditor import host
-from egress_auditor.compiler import warning_flags
+from egress_auditor.attribution.process import user_name
 from egress_auditor.errors import AuditorError
+from egress_auditor.host import facts as host
+from egress_auditor.host.compiler import bpf_source_dir, warning_flags
 from egress_auditor.model import Attribution, Process
-from egress_auditor.process import user_name
 
 # The values below repeat bpf/events.h (EA_PROC_*, EA_PSTAT_*); tests/unit/test_events_header.py checks them.
 PROC_FORK, PROC_EXEC, PROC_EXIT = 1, 2, 3
@@ -375,9 +375,7 @@ class LineageTracer:
         missing = [f"{c}:{e}" for c, e in NEEDED if not host.tracepoint_exists(c, e)]
         if missing:
             raise AuditorError(f"process lineage needs tracepoints {', '.join(missing)} (mount tracefs)")
-        src = Path(__file__).resolve().parent.parent / "bpf"
-        if not (src / "process.bpf.c").exists():
-            src = Path(__file__).resolve().parent / "bpf"  # installed wheel
+        src = bpf_source_dir()
         cflags = [f"-I{src}", f"-DEA_LINEAGE_PAGES={self.pages}"]
         fork_hook = "task:task_newtask"
         if not host.tracepoint_exists("task", "task_newtask"):

@@ -5,8 +5,8 @@ dropping them silently."""
 from __future__ import annotations
 
 from egress_auditor.model import Flow
-from egress_auditor.provenance import rule_lines
-from egress_auditor.rules import Rule, rules_from_flows
+from egress_auditor.rules.provenance import rule_lines
+from egress_auditor.rules.rule import Rule, rules_from_flows
 
 
 def hosts_seen(rule: Rule) -> int:

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from egress_auditor.model import Family, Flow, IPAddress, Transport
-from egress_auditor.provenance import stamp
-from egress_auditor.rules import Rule, rules_from_flows
+from egress_auditor.rules.provenance import stamp
+from egress_auditor.rules.rule import Rule, rules_from_flows
 
 Destination = tuple[Transport, Family, IPAddress, int]
 

@@ -13,11 +13,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
+from egress_auditor.attribution.names import DnsNames
+from egress_auditor.attribution.process import Attributor, CgroupLookup
+from egress_auditor.attribution.redact import redact_process
 from egress_auditor.command import AuditedCommand
-from egress_auditor.dns import DnsNames
 from egress_auditor.model import Connection
-from egress_auditor.process import Attributor, CgroupLookup
-from egress_auditor.redact import redact_process
 
 
 class Enricher(Protocol):

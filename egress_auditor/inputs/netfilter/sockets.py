@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from egress_auditor.inputs.netfilter.packets import Packet
 from egress_auditor.model import Family, IPAddress, Transport
-from egress_auditor.netfilter.packets import Packet
 
 TCP_LISTEN = 0x0A
 _TABLES = {
