@@ -203,7 +203,7 @@ def read_capture(path: Path) -> tuple[dict[tuple[str, int, int], int], dict[str,
     for t in summary.get("totals", []):
         if t["protocol"] == "tcp":
             key = (t["dst"], t.get("prefix", 0), t["dport"])
-            totals[key] = totals.get(key, 0) + t["count"]
+            totals[key] = totals.get(key, 0) + t["connections"]
     return totals, summary
 
 

@@ -185,9 +185,9 @@ class AuditedCommand:
             except ProcessLookupError:
                 pass
 
-    def owns(self, cgroup_id: int, cgroups: CgroupLookup) -> bool:
+    def owns(self, cgroup_id: int | None, cgroups: CgroupLookup) -> bool:
         """Whether a connection from cgroup `cgroup_id` came from the command or its descendants."""
-        if self.cgroup is None or cgroup_id <= 0:
+        if self.cgroup is None or not cgroup_id:
             return False
         known = self._owned.get(cgroup_id)
         if known is None:

@@ -38,9 +38,9 @@ class Attribution(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Process:
-    """What is known about a process; parent is the same for its parent."""
+    """What is known about a process; parent is the same for its parent. None is unknown, everywhere."""
 
-    pid: int
+    pid: int | None
     name: str
     uid: int | None = None
     user: str | None = None
@@ -66,18 +66,18 @@ class Connection:
     protocol: Transport
     family: Family
     src: IPAddress | None
-    sport: int  # 0 when the kernel had not chosen it yet
+    sport: int | None  # None: the kernel had not chosen it yet
     dst: IPAddress
     dport: int
-    pid: int
+    pid: int | None
     uid: int
-    gid: int
+    gid: int | None
     comm: str  # the kernel's task name at connect time
     input: str
     process: Process
-    repeats: int = 1  # connects this event stands for
-    tid: int = 0  # the thread that connected (0: unknown)
-    cgroup_id: int = 0  # the kernel's cgroup v2 id of the connecting task (0: unknown)
+    connections: int = 1  # connections this event stands for
+    tid: int | None = None  # the thread that connected
+    cgroup_id: int | None = None  # the kernel's cgroup v2 id of the connecting task
     hostname: str | None = None  # the DNS name asked for that gave dst, when known
 
 
@@ -173,7 +173,7 @@ class Flow:
     key: FlowKey
     first_seen: float
     last_seen: float
-    count: int = 0
+    connections: int = 0
     processes: MutableMapping[tuple[int, float | None], Process] = field(default_factory=FewMap)
     inputs: frozenset[str] = frozenset()  # one shared set per combination (_shared_inputs)
     hostnames: tuple[str, ...] = ()
@@ -187,10 +187,10 @@ class Flow:
         self.count_connection(conn)
 
     def count_connection(self, conn: Connection) -> None:
-        """A connection's times, count, input and DNS name, without listing its process."""
+        """A connection's times, connections, input and DNS name, without listing its process."""
         self.first_seen = min(self.first_seen, conn.time)
         self.last_seen = max(self.last_seen, conn.time)
-        self.count += conn.repeats
+        self.connections += conn.connections
         if conn.input not in self.inputs:
             self.add_inputs((conn.input,))
         if conn.hostname and conn.hostname not in self.hostnames:
@@ -220,7 +220,7 @@ class Summary:
     host: str
     inputs: list[str]
     attach: str  # the attach path(s) in use, for the header
-    connects: int = 0
+    connections: int = 0
     events_lost: int = 0
     map_full: int = 0
     notes: list[str] = field(default_factory=list)  # more header lines, e.g. what a review left out

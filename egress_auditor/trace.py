@@ -206,7 +206,7 @@ class TraceRun:
         total = InputStats()
         for source in self.inputs:
             s = source.stats()
-            total.connects += s.connects
+            total.connections += s.connections
             total.events_lost += s.events_lost
             total.map_full += s.map_full
         return total
@@ -221,7 +221,7 @@ class TraceRun:
             "elapsed": f"{elapsed:.0f}s",
             "remaining": remaining,
             "flows": str(len(self.table)),
-            "connections": str(self._connects_from(s)),
+            "connections": str(self._connections_from(s)),
             "lost events": str(s.events_lost),
         }
 
@@ -229,7 +229,7 @@ class TraceRun:
         """What a log of a long run needs now and then: totals, losses, memory, time up."""
         rss_mb = psutil.Process().memory_info().rss / 1048576
         return (
-            f"egress-auditor: summary: {len(self.table)} flows, {self._connects_from(stats)} connections, "
+            f"egress-auditor: summary: {len(self.table)} flows, {self._connections_from(stats)} connections, "
             f"{stats.events_lost} events lost, {rss_mb:.0f} MB resident, up {time_span(time.time() - self._started)}"
         )
 
@@ -353,7 +353,7 @@ class TraceRun:
                 cost = time.monotonic() - began
                 synced_at = time.monotonic()
                 next_sync = synced_at + min(SYNC_MAX_S, max(SYNC_S, cost / SYNC_SHARE))
-            if self.count is not None and self._connects() >= self.count:
+            if self.count is not None and self._connections() >= self.count:
                 self._end_command("count")
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + STATUS_S
@@ -384,12 +384,12 @@ class TraceRun:
             except Exception as exc:
                 print(f"egress-auditor: closing {source.name} failed: {exc}", file=self.stderr)
 
-    def _connects(self) -> int:
-        return self._connects_from(self.stats())
+    def _connections(self) -> int:
+        return self._connections_from(self.stats())
 
-    def _connects_from(self, stats: InputStats) -> int:
+    def _connections_from(self, stats: InputStats) -> int:
         # With a command, the kernel's host-wide count says nothing about it.
-        return self.table.connects if self.command is not None else max(stats.connects, self.table.connects)
+        return self.table.connections if self.command is not None else max(stats.connections, self.table.connections)
 
     def _views(self, ended: float, stats: InputStats) -> tuple[list[Flow], Summary, list[Flow], Summary]:
         """This run's flows and summary, then the same with the resumed runs merged in."""
@@ -399,7 +399,7 @@ class TraceRun:
             host=socket.gethostname(),
             inputs=[s.name for s in self.inputs],
             attach="; ".join(self._attach) or "none",
-            connects=self._connects_from(stats),
+            connections=self._connections_from(stats),
             events_lost=stats.events_lost,
             map_full=stats.map_full,
             notes=self.table.limits.notes(self.table.cap),
@@ -414,7 +414,7 @@ class TraceRun:
             host=summary.host,
             inputs=sorted({*summary.inputs, *earlier.inputs}),
             attach=f"{summary.attach}; resumed {len(self.resumed.flows)} flows of {self.resumed.runs} earlier run(s)",
-            connects=summary.connects + earlier.connects,
+            connections=summary.connections + earlier.connections,
             events_lost=summary.events_lost + earlier.events_lost,
             map_full=summary.map_full + earlier.map_full,
             notes=summary.notes,
@@ -488,7 +488,7 @@ class TraceRun:
         if self.resumed is not None:
             reason += f"; with {len(self.resumed.flows)} flows of {self.resumed.runs} earlier run(s) resumed"
         print(
-            f"egress-auditor: stopped ({reason}): {len(flows)} flows, {summary.connects} connections, "
+            f"egress-auditor: stopped ({reason}): {len(flows)} flows, {summary.connections} connections, "
             f"{summary.events_lost} events lost"
             + (f", {len(drifted)} drifted from the baseline" if drifted is not None else ""),
             file=self.stderr,

@@ -13,7 +13,7 @@ START = 1767225600.0  # 2026-01-01T00:00:00Z
 
 
 def proc(
-    pid: int,
+    pid: int | None,
     name: str,
     uid: int | None,
     user: str | None,
@@ -36,7 +36,7 @@ def proc(
 
 
 def conn(
-    process: Process, dst: str, dport: int, at: float, protocol: Transport = Transport.TCP, repeats: int = 1
+    process: Process, dst: str, dport: int, at: float, protocol: Transport = Transport.TCP, connections: int = 1
 ) -> Connection:
     address = ipaddress.ip_address(dst)
     family = Family.IPV4 if address.version == 4 else Family.IPV6
@@ -46,7 +46,7 @@ def conn(
         protocol=protocol,
         family=family,
         src=src,
-        sport=40000 + process.pid % 1000,
+        sport=40000 + process.pid % 1000 if process.pid is not None else None,
         dst=address,
         dport=dport,
         pid=process.pid,
@@ -55,7 +55,7 @@ def conn(
         comm=process.name[:15],
         input="ebpf",
         process=process,
-        repeats=repeats,
+        connections=connections,
     )
 
 
@@ -73,7 +73,7 @@ def summary(connections: Sequence[Connection], lost: int = 0, map_full: int = 0)
         host="testhost",
         inputs=["ebpf"],
         attach="kprobe tcp_v4_connect, tcp_v6_connect",
-        connects=sum(c.repeats for c in connections),
+        connections=sum(c.connections for c in connections),
         events_lost=lost,
         map_full=map_full,
     )
@@ -116,14 +116,14 @@ ODD = proc(
 def sample_connections() -> list[Connection]:
     """Two uids and two programs share 192.0.2.10:443; IPv6 and UDP; exited and odd processes."""
     return [
-        conn(CURL, "192.0.2.10", 443, START + 1, repeats=3),
+        conn(CURL, "192.0.2.10", 443, START + 1, connections=3),
         conn(WGET, "192.0.2.10", 443, START + 5),
         conn(CURL, "192.0.2.10", 80, START + 2),
         conn(SSH_GONE, "198.51.100.7", 22, START + 10),
-        conn(NTP, "203.0.113.5", 123, START + 3, protocol=Transport.UDP, repeats=2),
+        conn(NTP, "203.0.113.5", 123, START + 3, protocol=Transport.UDP, connections=2),
         conn(KERNEL_WWW, "192.0.2.20", 8080, START + 4),
         conn(KERNEL_ROOT, "192.0.2.20", 8080, START + 6),
-        conn(APT, "2001:db8::1", 443, START + 20, repeats=5),
+        conn(APT, "2001:db8::1", 443, START + 20, connections=5),
         conn(CURL, "2001:db8::1", 443, START + 21),
         conn(APT, "2001:db8:0:1::53", 853, START + 30),
         conn(ODD, "192.0.2.30", 8443, START + 40),

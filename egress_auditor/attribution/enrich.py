@@ -41,7 +41,7 @@ class CommandFilter:
     def enrich(self, conn: Connection) -> Connection | None:
         if self.command.owns(conn.cgroup_id, self.cgroups):
             return conn
-        self.outside += conn.repeats
+        self.outside += conn.connections
         return None
 
 

@@ -39,15 +39,15 @@ class ProcessResolver:
         self._max = max_entries
         self._ancestors = ancestors
 
-    def resolve(self, pid: int, comm: str, uid: int | None, at: float) -> Process:
+    def resolve(self, pid: int | None, comm: str, uid: int | None, at: float) -> Process:
         """The process `pid` as it was at time `at` (seconds since the epoch)."""
         found = self._lookup(pid, at, self._ancestors, comm)
         if found is not None:
             return found
         return Process(pid=pid, name=comm, uid=uid, user=user_name(uid), attribution=Attribution.NAME_ONLY)
 
-    def _lookup(self, pid: int, at: float, ancestors: int, comm: str | None = None) -> Process | None:
-        if pid <= 0:
+    def _lookup(self, pid: int | None, at: float, ancestors: int, comm: str | None = None) -> Process | None:
+        if not pid:  # unknown, or the kernel's idle task
             return None
         try:
             proc = psutil.Process(pid)
@@ -124,7 +124,7 @@ class Attributor:
 
     def attribute(self, conn: Connection) -> Process:
         process = None
-        if self.lineage is not None and conn.pid > 0:
+        if self.lineage is not None and conn.pid:
             process = self.lineage.process(conn.pid, conn.time, conn.uid, conn.gid)
         if process is None:
             process = self.resolver.resolve(conn.pid, conn.comm, conn.uid, conn.time)

@@ -128,7 +128,7 @@ def evidence(rule: Rule) -> dict[str, object]:
         "dst": str(rule.dst),
         "dport": rule.dport,
         "hostnames": list(rule.hostnames),
-        "connections": rule.count,
+        "connections": rule.connections,
         "first_seen": rule.first_seen,
         "last_seen": rule.last_seen,
         "first_seen_utc": stamp(rule.first_seen),
@@ -148,6 +148,6 @@ def describe(rule: Rule) -> str:
     if rule.evidence is not None:
         where = f"; seen on {', '.join(sorted(rule.evidence.hosts))} in {len(rule.evidence.runs)} run(s)"
     return (
-        f"{rule.protocol.name} {rule.dst} port {rule.dport}{names}: {rule.count} connection(s), "
+        f"{rule.protocol.name} {rule.dst} port {rule.dport}{names}: {rule.connections} connection(s), "
         f"first {stamp(rule.first_seen)}, last {stamp(rule.last_seen)}; by {who}{where}"
     )

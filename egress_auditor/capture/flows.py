@@ -40,7 +40,7 @@ class Limits:
     """What the caps took from a run: the rules' header says so."""
 
     merged_flows: int = 0  # network flows made for destinations past the cap
-    unheld_connects: int = 0  # connects past the hard limit: counted, in no flow
+    unheld_connections: int = 0  # connections past the hard limit: counted, in no flow
     unlisted_processes: int = 0  # processes not listed on a flow that has others
 
     def notes(self, cap: int) -> list[str]:
@@ -50,9 +50,9 @@ class Limits:
                 f"past the flow cap ({cap}), new destinations are held in {self.merged_flows} network flows "
                 "(/24 or /16; IPv6 /64 or /48): the json capture keeps the first address of each"
             )
-        if self.unheld_connects:
+        if self.unheld_connections:
             notes.append(
-                f"WARNING: {self.unheld_connects} connects past twice the flow cap ({2 * cap}) are in no rule: "
+                f"WARNING: {self.unheld_connections} connections past twice the flow cap ({2 * cap}) are in no rule: "
                 "these rules are incomplete; raise --flow-cap or rebuild them with rules --from the capture"
             )
         if self.unlisted_processes:
@@ -71,10 +71,10 @@ class FlowTable:
         # Equal processes (and their keys in Flow.processes) are held once: flows
         # recovered from the kernel map or given a cgroup each arrive with a copy.
         self._processes: dict[Process, tuple[tuple[int, float | None], Process]] = {}
-        self._connects = 0  # kept as it changes: the display asks for it often
+        self._connections = 0  # kept as it changes: the display asks for it often
 
     def holder(self, key: FlowKey) -> FlowKey | None:
-        """The key of the flow that holds `key`'s connects (itself below the cap); None: none may."""
+        """The key of the flow that holds `key`'s connections (itself below the cap); None: none may."""
         flows = self._flows
         if key in flows or len(flows) < self.cap:
             return key
@@ -88,9 +88,9 @@ class FlowTable:
         """Record a connection; returns its flow (None past the hard limit) and whether the flow is new."""
         exact = flow_key(conn)
         key = self.holder(exact)
-        self._connects += conn.repeats
+        self._connections += conn.connections
         if key is None:
-            self.limits.unheld_connects += conn.repeats
+            self.limits.unheld_connections += conn.connections
             return None, False
         flow = self._flows.get(key)
         is_new = flow is None
@@ -120,23 +120,23 @@ class FlowTable:
         return None
 
     def add_kernel_count(self, key: FlowKey, added: int, last_seen: float) -> None:
-        """Add connects the kernel counted for a flow beyond those its events carried."""
+        """Add connections the kernel counted for a flow beyond those its events carried."""
         held = self.holder(key)
         flow = self._flows.get(held) if held is not None else None
-        self._connects += added
+        self._connections += added
         if flow is None:
-            self.limits.unheld_connects += added
+            self.limits.unheld_connections += added
             return
-        flow.count += added
+        flow.connections += added
         flow.last_seen = max(flow.last_seen, last_seen)
 
     def set_kernel_count(self, key: FlowKey, count: int, last_seen: float) -> None:
         """Fold a flow's whole count as a saved capture gives it (it only grows)."""
         held = self.holder(key)
         flow = self._flows.get(held) if held is not None else None
-        if flow is not None and count > flow.count:
-            self._connects += count - flow.count
-            flow.count = count
+        if flow is not None and count > flow.connections:
+            self._connections += count - flow.connections
+            flow.connections = count
         if flow is not None:
             flow.last_seen = max(flow.last_seen, last_seen)
 
@@ -147,7 +147,7 @@ class FlowTable:
     def discard(self, key: FlowKey) -> None:
         flow = self._flows.pop(key, None)
         if flow is not None:
-            self._connects -= flow.count
+            self._connections -= flow.connections
 
     def get(self, key: FlowKey) -> Flow | None:
         return self._flows.get(key)
@@ -166,5 +166,5 @@ class FlowTable:
         return heapq.nlargest(limit, self._flows.values(), key=lambda f: f.last_seen)
 
     @property
-    def connects(self) -> int:
-        return self._connects
+    def connections(self) -> int:
+        return self._connections

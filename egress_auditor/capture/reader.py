@@ -20,7 +20,7 @@ from typing import Any
 
 from egress_auditor.attribution.redact import redact_process
 from egress_auditor.capture.flows import FlowTable, network_key
-from egress_auditor.capture.records import VERSION, utc
+from egress_auditor.capture.records import READABLE, VERSION, upgrade, utc
 from egress_auditor.errors import UsageError
 from egress_auditor.model import (
     Attribution,
@@ -65,7 +65,7 @@ class Capture:
 def _process(record: dict[str, Any]) -> Process:
     parent = record["parent"]
     return Process(
-        pid=int(record["pid"]),
+        pid=_optional_int(record["pid"]),
         name=str(record["name"]),
         uid=record["uid"],
         user=record["user"],
@@ -78,6 +78,10 @@ def _process(record: dict[str, Any]) -> Process:
         cgroup=record["cgroup"],
         service=record["service"],
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _key(record: dict[str, Any]) -> FlowKey:
@@ -101,18 +105,18 @@ def connection(record: dict[str, Any]) -> Connection:
         protocol=key.protocol,
         family=key.family,
         src=ipaddress.ip_address(src) if src is not None else None,
-        sport=int(record["sport"]),
+        sport=_optional_int(record["sport"]),
         dst=key.dst,
         dport=key.dport,
-        pid=int(record["pid"]),
+        pid=_optional_int(record["pid"]),
         uid=key.uid,
-        gid=int(record["gid"]) if record["gid"] is not None else -1,
+        gid=_optional_int(record["gid"]),
         comm=key.comm,
         input=str(record["input"]),
         process=_process(record["process"]),
-        repeats=int(record["repeats"]),
-        tid=int(record["tid"]),
-        cgroup_id=int(record["cgroup_id"]),
+        connections=int(record["connections"]),
+        tid=_optional_int(record["tid"]),
+        cgroup_id=_optional_int(record["cgroup_id"]),
         hostname=record["hostname"],
     )
 
@@ -127,12 +131,12 @@ def _apply_totals(run: Run, summary: dict[str, Any]) -> None:
             run.networks.add(key)
         flow = run.table.get(key)
         if flow is None:
-            process = Process(pid=0, name=key.comm, uid=key.uid, attribution=Attribution.NAME_ONLY)
+            process = Process(pid=None, name=key.comm, uid=key.uid, attribution=Attribution.NAME_ONLY)
             first = float(totals["first_seen"])
-            flow = run.table.put(Flow(key, first, first, processes=FewMap([((0, None), process)])))
+            flow = run.table.put(Flow(key, first, first, processes=FewMap([((None, None), process)])))
             if not totals["inputs"]:
                 flow.add_inputs(("capture",))
-        run.table.set_kernel_count(key, int(totals["count"]), float(totals["last_seen"]))
+        run.table.set_kernel_count(key, int(totals["connections"]), float(totals["last_seen"]))
         flow.add_hostnames(str(h) for h in totals["hostnames"])
         flow.add_inputs(str(i) for i in totals["inputs"])
 
@@ -180,9 +184,12 @@ def _read(source: str, runs: dict[str, Run], notes: list[str]) -> int:
                 notes.append(f"{where}: last line cut short ({len(text)} bytes), skipped")
                 continue
             raise CaptureError(f"{where}: not JSON ({exc.msg}); expected lines written by -o json") from None
-        if not isinstance(record, dict) or record.get("version") != VERSION:
+        if not isinstance(record, dict) or record.get("version") not in READABLE:
             version = record.get("version") if isinstance(record, dict) else None
-            raise CaptureError(f"{where}: record version {version!r}; this egress-auditor reads version {VERSION}")
+            readable = " and ".join(str(v) for v in READABLE)
+            raise CaptureError(f"{where}: record version {version!r}; this egress-auditor reads versions {readable}")
+        written = record["version"]
+        record = upgrade(record)
         try:
             run = runs.setdefault(record["run"], Run(record["run"], str(record["host"])))
             if record["type"] == "flow":
@@ -207,7 +214,7 @@ def _read(source: str, runs: dict[str, Run], notes: list[str]) -> int:
                 raise ValueError(f"unknown record type {record['type']!r}")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise CaptureError(f"{where}: not a valid version-{VERSION} record: {detail}") from None
+            raise CaptureError(f"{where}: not a valid version-{written} record: {detail}") from None
         count += 1
     return count
 
@@ -242,7 +249,7 @@ def merge_flows(flows: Iterable[Flow]) -> list[Flow]:
         into = merged.get(flow.key)
         if into is None:
             merged[flow.key] = Flow(
-                flow.key, flow.first_seen, flow.last_seen, flow.count,
+                flow.key, flow.first_seen, flow.last_seen, flow.connections,
                 dict(flow.processes), flow.inputs, flow.hostnames, flow.evidence,
             )  # fmt: skip
             continue
@@ -250,7 +257,7 @@ def merge_flows(flows: Iterable[Flow]) -> list[Flow]:
             into.evidence = flow.evidence if into.evidence is None else into.evidence | flow.evidence
         into.first_seen = min(into.first_seen, flow.first_seen)
         into.last_seen = max(into.last_seen, flow.last_seen)
-        into.count += flow.count
+        into.connections += flow.connections
         for key, process in flow.processes.items():
             into.processes.setdefault(key, process)
         into.add_inputs(flow.inputs)
@@ -297,7 +304,9 @@ def read_captures(sources: Iterable[str], redact: bool = True, evidence: bool = 
             try:
                 _apply_totals(run, run.summary)
             except (KeyError, ValueError, TypeError) as exc:
-                raise CaptureError(f"run {run.id} on {run.host}: summary not a valid version-1 record: {exc}") from None
+                raise CaptureError(
+                    f"run {run.id} on {run.host}: summary not a valid version-{VERSION} record: {exc}"
+                ) from None
         else:
             notes.append(
                 f"run {run.id} on {run.host} has no summary (the capture ends early): "
@@ -316,7 +325,7 @@ def _summary(runs: dict[str, Run]) -> Summary:
     if not runs:
         return Summary(started=0.0, ended=0.0, host="none", inputs=[], attach="no captured runs")
     starts, ends, inputs, attach = [], [], set(), {}
-    connects = lost = map_full = 0
+    connections = lost = map_full = 0
     for run in runs.values():
         times = [t for f in run.table for t in (f.first_seen, f.last_seen)]
         s = run.summary
@@ -324,7 +333,7 @@ def _summary(runs: dict[str, Run]) -> Summary:
         ends.append(float(s["ended"]) if s else max(times, default=0.0))
         inputs.update(s["inputs"] if s else {i for f in run.table for i in f.inputs})
         attach.setdefault(f"{run.host}: {s['attach'] if s else 'unknown (no summary)'}", None)
-        connects += int(s["connects"]) if s else run.table.connects
+        connections += int(s["connections"]) if s else run.table.connections
         lost += int(s["events_lost"]) if s else 0
         map_full += int(s["map_full"]) if s else 0
     many = len(runs) > 1
@@ -334,7 +343,7 @@ def _summary(runs: dict[str, Run]) -> Summary:
         host=", ".join(sorted({r.host for r in runs.values()})),
         inputs=sorted(inputs),
         attach=(f"{len(runs)} runs from captures: " if many else "from a capture: ") + "; ".join(attach),
-        connects=connects,
+        connections=connections,
         events_lost=lost,
         map_full=map_full,
     )

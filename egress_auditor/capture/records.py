@@ -2,7 +2,9 @@
 capture.py: one `flow` record per new flow, a `checkpoint` record at each
 snapshot (a summary as of then), one `summary` record at the end.
 
-The format is versioned; egress_auditor/capture/schema/flow-v1.json describes it.
+The format is versioned; egress_auditor/capture/schema/flow-v2.json describes it. Version 1
+named the connection counts `repeats`, `count` and `connects`, and wrote 0 for an unknown pid,
+tid, cgroup id or source port: `upgrade()` reads it as version 2.
 """
 
 from __future__ import annotations
@@ -14,13 +16,50 @@ from typing import Any
 
 from egress_auditor.model import Connection, Flow, Process, Summary
 
-VERSION = 1
-SCHEMA_FILE = "flow-v1.json"
+VERSION = 2
+READABLE = (1, 2)
+SCHEMA_FILE = "flow-v2.json"
 
 
-def schema() -> dict[str, Any]:
-    """The JSON Schema of version 1, as shipped inside the package."""
-    return json.loads(resources.files("egress_auditor.capture").joinpath("schema", SCHEMA_FILE).read_text())
+def schema(version: int = VERSION) -> dict[str, Any]:
+    """The JSON Schema of a version, as shipped inside the package."""
+    return json.loads(resources.files("egress_auditor.capture").joinpath("schema", f"flow-v{version}.json").read_text())
+
+
+def upgrade(record: dict[str, Any]) -> dict[str, Any]:
+    """A record of any readable version as version 2 writes it (the same record when it is one)."""
+    if record.get("version") != 1:
+        return record
+    record = {**record, "version": VERSION}
+    if "repeats" in record:
+        record["connections"] = record.pop("repeats")
+    if "connects" in record:
+        record["connections"] = record.pop("connects")
+    for name in ("pid", "tid", "cgroup_id", "sport"):
+        if record.get(name) == 0:
+            record[name] = None
+    if isinstance(record.get("process"), dict):
+        record["process"] = _upgrade_process(record["process"])
+    if isinstance(record.get("totals"), list):
+        record["totals"] = [_upgrade_totals(t) for t in record["totals"]]
+    return record
+
+
+def _upgrade_process(process: dict[str, Any]) -> dict[str, Any]:
+    parent = process.get("parent")
+    return {
+        **process,
+        "pid": process.get("pid") or None,
+        "parent": _upgrade_process(parent) if isinstance(parent, dict) else parent,
+    }
+
+
+def _upgrade_totals(totals: Any) -> Any:
+    if not isinstance(totals, dict) or "count" not in totals:
+        return totals
+    upgraded = {**totals, "connections": totals["count"]}
+    del upgraded["count"]
+    return upgraded
 
 
 def utc(seconds: float) -> str:
@@ -65,10 +104,10 @@ def flow_record(conn: Connection, run: str, host: str) -> dict[str, Any]:
         "pid": conn.pid,
         "tid": conn.tid,
         "uid": conn.uid,
-        "gid": conn.gid if conn.gid >= 0 else None,  # -1: a flow recovered from the kernel map
+        "gid": conn.gid,
         "comm": conn.comm,
         "cgroup_id": conn.cgroup_id,
-        "repeats": conn.repeats,
+        "connections": conn.connections,
         "process": process_record(conn.process),
     }
 
@@ -88,7 +127,7 @@ def totals_record(flow: Flow) -> dict[str, Any]:
         "dport": key.dport,
         "uid": key.uid,
         "comm": key.comm,
-        "count": flow.count,
+        "connections": flow.connections,
         "first_seen": flow.first_seen,
         "last_seen": flow.last_seen,
         "hostnames": sorted(flow.hostnames),
@@ -115,7 +154,7 @@ def summary_record(
         "duration": round(summary.ended - summary.started, 6),
         "inputs": list(summary.inputs),
         "attach": summary.attach,
-        "connects": summary.connects,
+        "connections": summary.connections,
         "events_lost": summary.events_lost,
         "map_full": summary.map_full,
         "flows": len(flows),

@@ -154,7 +154,7 @@ class LiveTable:
                 key.protocol.name,
                 Text(endpoint(key.dst, key.dport, key.protocol, named=True)),
                 Text(terminal_text(", ".join(sorted(flow.hostnames)))),
-                str(flow.count),
+                str(flow.connections),
                 _clock(flow.first_seen),
                 _clock(flow.last_seen),
             )

@@ -16,14 +16,14 @@ if TYPE_CHECKING:
     from egress_auditor.attribution.names import DnsNames
 
 Emit = Callable[[Connection], None]
-OnCount = Callable[[FlowKey, int, float], None]  # (flow, connects added since the last report, last seen)
+OnCount = Callable[[FlowKey, int, float], None]  # (flow, connections added since the last report, last seen)
 
 
 @dataclass
 class InputStats:
-    connects: int = 0  # connects counted apart from the flows handed over, repeats included (netfilter)
+    connections: int = 0  # connections counted apart from the flows handed over, repeats included (netfilter)
     events_lost: int = 0  # events the kernel could not deliver
-    map_full: int = 0  # connects that found the flow map full (sent one by one)
+    map_full: int = 0  # connections that found the flow map full (sent one by one)
 
 
 class Input(Protocol):
@@ -38,7 +38,7 @@ class Input(Protocol):
         ...
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
-        """Report connects counted in the kernel since the last sync (`on_count`) and flows whose
+        """Report connections counted in the kernel since the last sync (`on_count`) and flows whose
         event was lost (`emit`)."""
         ...
 

@@ -39,7 +39,7 @@ class JsonLinesOutput(OutputBase):
         self.host = socket.gethostname()
         self._stdout = stdout or sys.stdout
         self._stderr = stderr or sys.stderr
-        self._checkpointed = (0, 0, 0, 0)  # flows, connects, lost, map full at the last checkpoint
+        self._checkpointed = (0, 0, 0, 0)  # flows, connections, lost, map full at the last checkpoint
         # The newest last_seen of any flow at the last checkpoint in this file; None: the next lists every flow.
         self._checkpoint_mark: float | None = None
         try:
@@ -122,7 +122,7 @@ class JsonLinesOutput(OutputBase):
         """A checkpoint: the counts as of now of every flow seen since the last checkpoint in this file
         (every flow in the first), so a run stopped hard can be resumed from here. Skipped while nothing
         was seen since the last one (that one still holds): a quiet night adds nothing."""
-        seen = (len(flows), summary.connects, summary.events_lost, summary.map_full)
+        seen = (len(flows), summary.connections, summary.events_lost, summary.map_full)
         if self._fd is None or seen == self._checkpointed:
             return
         since = None if self._checkpoint_mark is None else self._checkpoint_mark - CHECKPOINT_MARGIN_S

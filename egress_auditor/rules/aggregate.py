@@ -69,7 +69,7 @@ def _merge(group: list[ScopedRule], widest: int) -> ScopedRule:
         processes=tuple(dict.fromkeys(p for r in rules for p in r.processes)),
         first_seen=min(r.first_seen for r in rules),
         last_seen=max(r.last_seen for r in rules),
-        count=sum(r.count for r in rules),
+        connections=sum(r.connections for r in rules),
         hostnames=tuple(sorted({h for r in rules for h in r.hostnames})),
         evidence=evidence,
     )

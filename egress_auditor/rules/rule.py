@@ -17,7 +17,7 @@ class Rule:
     processes: tuple[Process, ...]
     first_seen: float
     last_seen: float
-    count: int
+    connections: int
     hostnames: tuple[str, ...] = ()  # DNS names that led to dst, sorted
     evidence: Evidence | None = field(default=None, compare=False)  # where saved captures saw it
     prefix: int | None = None  # an aggregated rule allows dst/prefix; None: dst alone
@@ -45,7 +45,7 @@ def comment_text(rule: Rule) -> str:
 
 def _process_order(process: Process) -> tuple[str, str, int, str]:
     # repr breaks ties (same name and pid, other user): set order varies with the hash seed.
-    return (process.name, process.command_line, process.pid, repr(process))
+    return (process.name, process.command_line, process.pid or 0, repr(process))  # 0 sorts unknown first
 
 
 def _evidence(flows: list[Flow]) -> Evidence | None:
@@ -76,7 +76,7 @@ def rules_from_flows(flows: Iterable[Flow]) -> list[Rule]:
                 processes=tuple(sorted(processes, key=_process_order)),
                 first_seen=min(f.first_seen for f in members),
                 last_seen=max(f.last_seen for f in members),
-                count=sum(f.count for f in members),
+                connections=sum(f.connections for f in members),
                 hostnames=tuple(sorted({h for f in members for h in f.hostnames})),
                 evidence=_evidence(members),
                 prefix=prefix or None,

@@ -86,7 +86,7 @@ class Received:
         totals = dict(self.added)
         for conn in (*self.events, *self.synced):
             key = flow_key(conn)
-            totals[key] = totals.get(key, 0) + conn.repeats
+            totals[key] = totals.get(key, 0) + conn.connections
         return totals
 
     def __repr__(self) -> str:
@@ -288,7 +288,7 @@ def test_lost_events_are_counted_and_their_flows_recovered_by_sync(
     recovered = [c.dport for c in received.synced if c.dst == address and c.dport in burst]
     assert recovered, "nothing was lost: the burst did not overflow the buffer"
     assert sorted(delivered + recovered) == list(burst), "a flow is missing or emitted twice"
-    assert all(c.pid == 0 and c.comm == info["comm"] for c in received.synced if c.dst == address)
+    assert all(c.pid is None and c.comm == info["comm"] for c in received.synced if c.dst == address)
     counted = {k.dport: n for k, n in received.counts.items() if k.dst == address and k.dport in burst}
     assert counted == dict.fromkeys(burst, 1)
     lost = source.stats().events_lost
@@ -322,7 +322,7 @@ def test_full_flow_map_sends_connects_one_by_one_and_counts_stay_exact(
 
     source.sync(received.synced.append, fold)
     assert [c for c in received.synced if c.dst == address] == []
-    ours = {f.key.dport: f.count for f in table if f.key.dst == address}
+    ours = {f.key.dport: f.connections for f in table if f.key.dst == address}
     assert ours == dict.fromkeys(ports, repeats)
     assert len(in_map) <= max_flows
     # Every connect of a flow outside the map crossed as its own event.
@@ -528,6 +528,6 @@ def test_thousands_of_flows_pass_through_a_small_flow_map_with_exact_counts(
     ours = {k.dport: n for k, n in received.counts.items() if k.dst == address and k.comm == info["comm"]}
     assert ours == {**dict.fromkeys(ports, 1), keep: len(ports)}
     assert source._gens is not None and source._gens.epoch > len(ports) // max_flows, "flipped as they filled"
-    recovered = [c for c in received.synced if c.dst == address and c.pid == 0]
+    recovered = [c for c in received.synced if c.dst == address and c.pid is None]
     assert len(recovered) <= source.stats().events_lost
     assert source.stats().map_full == 0, "no generation filled up"

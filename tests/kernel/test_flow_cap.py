@@ -33,7 +33,7 @@ def test_past_the_cap_destinations_become_networks_then_counts(net: Link, tmp_pa
     header = [line for line in done.stdout.splitlines() if line.startswith("#")]
     held = "past the flow cap (2), new destinations are held in 2 network flows (/24 or /16"
     assert any(held in line for line in header), header
-    assert any("WARNING: 1 connects past twice the flow cap (4) are in no rule" in line for line in header), header
+    assert any("WARNING: 1 connections past twice the flow cap (4) are in no rule" in line for line in header), header
     statements = [line for line in done.stdout.splitlines() if line.startswith("iptables ")]
     prefix24 = ".".join(net.b4.split(".")[:3]) + ".0/24"
     prefix16 = ".".join(net.b4.split(".")[:2]) + ".0.0/16"
@@ -50,7 +50,7 @@ def test_past_the_cap_destinations_become_networks_then_counts(net: Link, tmp_pa
     assert sorted(r["dport"] for r in flows) == list(PORTS[:4]) and {r["dst"] for r in flows} == {net.b4}
     totals = {t["dport"]: t for t in records[-1]["totals"]}
     assert (totals[PORTS[2]].get("prefix"), totals[PORTS[3]].get("prefix")) == (24, 16), totals
-    assert "prefix" not in totals[PORTS[0]] and all(t["count"] == 1 for t in totals.values())
+    assert "prefix" not in totals[PORTS[0]] and all(t["connections"] == 1 for t in totals.values())
 
     again = subprocess.run([str(EGRESS_AUDITOR), "rules", "--from", str(capture)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

@@ -55,7 +55,7 @@ def checkpoint_count(capture: Path, dst: str, port: int) -> int | None:
         if record["type"] == "checkpoint":
             for totals in record["totals"]:
                 if (totals["dst"], totals["dport"]) == (dst, port):
-                    found = totals["count"]
+                    found = totals["connections"]
     return found
 
 

@@ -41,7 +41,7 @@ spec = json.loads(sys.argv[1])
 family = socket.AF_INET6 if ":" in spec["host"] else socket.AF_INET
 for port in spec.get("sendto", []):
     s = socket.socket(family, socket.SOCK_DGRAM)
-    for _ in range(spec.get("repeats", 1)):
+    for _ in range(spec.get("connections", 1)):
         s.sendto(b"x", (spec["host"], port))
     s.close()
 for port in spec.get("connected", []):
@@ -103,7 +103,7 @@ class Collector:
     def count(self, conn: Connection) -> int:
         flow = self.table.get(FlowKey(conn.protocol, conn.family, conn.dst, conn.dport, conn.uid, conn.comm))
         assert flow is not None
-        return flow.count
+        return flow.connections
 
 
 def without_send_tracepoint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,7 +136,7 @@ def test_unconnected_and_connected_udp_are_flows_counted_in_the_kernel(
     net: Link, collector: Collector, side: str
 ) -> None:
     host = getattr(net, side)
-    pid = udp_client(net, {"host": host, "sendto": [5201], "repeats": 25, "connected": [5202], "silent": [5203]})
+    pid = udp_client(net, {"host": host, "sendto": [5201], "connections": 25, "connected": [5202], "silent": [5203]})
     collector.settle(lambda: len(collector.to(host, 5202)) >= 1)
     sent = collector.to(host, 5201, Transport.UDP)
     assert len(sent) == 1, "repeats of a flow cross to user space once"
@@ -358,7 +358,7 @@ def test_the_syscall_path_sees_udp_where_cgroup_hooks_are_not_used(net: Link) ->
     assert "UDP: syscall tracepoints" in source.open()
     try:
         collector = Collector(source)
-        pid = udp_client(net, {"host": net.b4, "sendto": [5221], "repeats": 5, "connected": [5222]})
+        pid = udp_client(net, {"host": net.b4, "sendto": [5221], "connections": 5, "connected": [5222]})
         collector.settle(lambda: len(collector.to(net.b4, 5222)) >= 1)
         sent = collector.to(net.b4, 5221, Transport.UDP)
         assert [c.pid for c in sent] == [pid] and collector.count(sent[0]) == 5

@@ -40,7 +40,7 @@ def test_threshold_port_scope_and_block_keep_rules_apart() -> None:
     assert [s.rule.prefix for s in rules(two, (24, 64))] == [None, None]  # below the threshold
     three = [*two, conn(CURL, "192.0.2.7", 443, START + 7)]
     (merged,) = rules(three, (24, 64))
-    assert (str(merged.rule.dst), merged.rule.prefix, merged.rule.count) == ("192.0.2.4", 30, 3)
+    assert (str(merged.rule.dst), merged.rule.prefix, merged.rule.connections) == ("192.0.2.4", 30, 3)
     assert [str(m) for m in merged.rule.members] == ["192.0.2.5", "192.0.2.6", "192.0.2.7"]
     assert "aggregated: 3 addresses seen in one /24 (threshold 3)" in merged.note
     other_port = [*two, conn(CURL, "192.0.2.7", 8443, START)]

@@ -6,6 +6,7 @@ Regenerate on purpose only: EGRESS_AUDITOR_GOLDEN=write pytest -k capture_golden
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -58,9 +59,9 @@ VERSIONS = (
 )
 
 
-def run(args: tuple[str, ...]) -> str:
+def run(args: tuple[str, ...], cwd: Path = HERE) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "egress_auditor", *args], cwd=HERE, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "egress_auditor", *args], cwd=cwd, capture_output=True, text=True, timeout=60
     )
     text = f"exit {done.returncode}\n--- stdout\n{done.stdout}--- stderr\n{done.stderr}"
     for pattern, replacement in VERSIONS:
@@ -77,3 +78,23 @@ def test_capture_renders_as_before(name: str) -> None:
         expected.write_text(text)
     assert text.startswith("exit 0\n"), text
     assert text == expected.read_text()
+
+
+def test_version_1_captures_read_as_version_2(tmp_path: Path) -> None:
+    """The same runs written as version 2 (what upgrade() makes of each line) render the same rules."""
+    import jsonschema
+
+    from egress_auditor.capture.records import VERSION, schema, upgrade
+
+    validator = jsonschema.Draft202012Validator(schema(), format_checker=jsonschema.FormatChecker())
+    for name in ("web-1.jsonl", "web-2.jsonl", "web-3.jsonl"):
+        lines = [json.loads(line) for line in (HERE / name).read_text().splitlines()]
+        upgraded = [upgrade(record) for record in lines]
+        for record in upgraded:
+            validator.validate(record)
+            assert record["version"] == VERSION
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in upgraded))
+    args = ("rules", *ALL, "-o", "iptables", "-o", "nftables", "-O", "nftables:verbose:2")
+    old, new = run(args), run(args, cwd=tmp_path)
+    assert old.startswith("exit 0\n") and "allow_ipv4" in old
+    assert new == old

@@ -36,7 +36,7 @@ def write(tmp_path: Path) -> tuple[Path, Path]:
         conn(CURL, "192.0.2.53", 53, START + 2, protocol=Transport.UDP),
     ]
     new = [
-        conn(CURL, "192.0.2.10", 443, START + 100, repeats=4),
+        conn(CURL, "192.0.2.10", 443, START + 100, connections=4),
         named(conn(CURL, "198.51.100.7", 443, START + 101), "CDN.example.com"),  # rotated address
         conn(HOSTILE, "203.0.113.9", 8443, START + 102),
     ]

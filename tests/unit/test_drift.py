@@ -74,7 +74,7 @@ def test_drift_records_are_valid(tmp_path: Path) -> None:
     try:
         pushed = make(loki.url, stderr=io.StringIO())
         pushed.drift(c, flow)
-        pushed.finish([flow], dataclasses.replace(summary([c]), connects=1))
+        pushed.finish([flow], dataclasses.replace(summary([c]), connections=1))
         drift = [r for r in loki.lines() if r["type"] == "drift"]
         assert len(drift) == 1 and drift[0]["dport"] == 443
         validator.validate(drift[0])

@@ -18,7 +18,7 @@ ADDRESS = ipaddress.ip_address("192.0.2.7")
 
 def connection(**changes: object) -> Connection:
     base = Connection(
-        time=1000.0, protocol=Transport.TCP, family=Family.IPV4, src=None, sport=0, dst=ADDRESS, dport=443,
+        time=1000.0, protocol=Transport.TCP, family=Family.IPV4, src=None, sport=None, dst=ADDRESS, dport=443,
         pid=41, uid=0, gid=0, comm="curl", input="test", process=Process(pid=41, name="curl", uid=0),
         cgroup_id=7,
     )  # fmt: skip
@@ -94,7 +94,7 @@ def test_a_trace_run_filters_by_the_command_then_attributes_then_names() -> None
     enriched = command_run.enrichment.enrich(connection())
     assert enriched is not None
     assert enriched.process.exe == "/usr/bin/curl" and enriched.hostname == "www.example.test"
-    assert command_run.enrichment.enrich(connection(cgroup_id=8, repeats=3)) is None
+    assert command_run.enrichment.enrich(connection(cgroup_id=8, connections=3)) is None
     assert command_run._outside() == 3
 
 

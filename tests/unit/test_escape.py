@@ -204,7 +204,10 @@ def test_new_flow_line_ipv6() -> None:
 def test_new_flow_line_leaves_out_an_unknown_source() -> None:
     known = conn(proc(7, "curl", 0, "root"), "192.0.2.10", 443, START)
     assert new_flow_line(known).startswith("new TCP connection 10.0.0.2:40007 -> 192.0.2.10:443(https) by curl")
-    for unknown in (dataclasses.replace(known, src=None, sport=0), dataclasses.replace(known, src=None, sport=40007)):
+    for unknown in (
+        dataclasses.replace(known, src=None, sport=None),
+        dataclasses.replace(known, src=None, sport=40007),
+    ):
         assert new_flow_line(unknown).startswith("new TCP connection -> 192.0.2.10:443(https) by curl (pid 7")
-    source_only = dataclasses.replace(known, sport=0)
+    source_only = dataclasses.replace(known, sport=None)
     assert new_flow_line(source_only).startswith("new TCP connection 10.0.0.2 -> 192.0.2.10:443(https) by curl")

@@ -36,18 +36,18 @@ def test_past_the_cap_networks_then_only_counts(addresses: list[str], first: str
     table = FlowTable(cap=2)
     held = [table.add(conn(CURL, a, 443, START + i)) for i, a in enumerate(addresses)]
     assert [new for _, new in held] == [True, True, True, True, False]
-    assert held[4][0] is None and table.connects == 5 and len(table) == 4
+    assert held[4][0] is None and table.connections == 5 and len(table) == 4
     rules = rules_from_flows(table)
     assert sorted(r.destination for r in rules if r.prefix) == sorted([first, second])
     # A later member of a held network adds to its count; an exact flow keeps its own.
     inside = str(ipaddress.ip_network(first)[9])
     flow, new = table.add(conn(CURL, inside, 443, START + 9))
-    assert not new and flow is not None and flow.count == 2 and str(flow.key.dst) + f"/{flow.key.prefix}" == first
+    assert not new and flow is not None and flow.connections == 2 and str(flow.key.dst) + f"/{flow.key.prefix}" == first
     flow, new = table.add(conn(CURL, addresses[0], 443, START + 10))
-    assert not new and flow is not None and flow.key.prefix == 0 and flow.count == 2
+    assert not new and flow is not None and flow.key.prefix == 0 and flow.connections == 2
     notes = table.limits.notes(2)
     assert "past the flow cap (2), new destinations are held in 2 network flows" in notes[0]
-    assert "1 connects past twice the flow cap (4)" in notes[1]
+    assert "1 connections past twice the flow cap (4)" in notes[1]
 
 
 def test_kernel_counts_of_a_member_reach_its_network() -> None:
@@ -59,7 +59,7 @@ def test_kernel_counts_of_a_member_reach_its_network() -> None:
     member = table.holder(flows.flow_key(conn(CURL, "198.51.100.7", 443, START)))
     assert member == flow.key
     table.set_kernel_count(flows.flow_key(conn(CURL, "198.51.100.7", 443, START)), 5, START + 2)
-    assert flow.count == 5 and flow.last_seen == START + 2
+    assert flow.connections == 5 and flow.last_seen == START + 2
 
 
 def test_processes_past_their_caps_are_counted_not_listed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +69,7 @@ def test_processes_past_their_caps_are_counted_not_listed(monkeypatch: pytest.Mo
     for pid in range(10):
         table.add(conn(proc(1000 + pid, "curl", 0, "root"), "192.0.2.1", 443, START + pid))
     flow = table.get(flows.flow_key(conn(CURL, "192.0.2.1", 443, START)))
-    assert flow is not None and len(flow.processes) == 3 and flow.count == 10
+    assert flow is not None and len(flow.processes) == 3 and flow.connections == 10
     # Past the table's cap a flow with no process still gets its first one.
     for port in range(20):
         table.add(conn(proc(2000 + port, "wget", 0, "root"), "192.0.2.2", 8000 + port, START))

@@ -137,7 +137,7 @@ class Harness:
         self.source.sync(self.emitted.append, on_count)
 
     def ports(self, recovered: bool) -> list[int]:
-        return sorted(c.dport for c in self.emitted if (c.pid == 0) == recovered)
+        return sorted(c.dport for c in self.emitted if (c.pid is None) == recovered)
 
 
 def test_a_key_without_its_event_is_recovered_and_counts_add_beyond_the_first_connect() -> None:

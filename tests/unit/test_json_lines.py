@@ -77,12 +77,12 @@ def test_one_record_per_new_flow_then_a_summary() -> None:
     final = records(output.finish(flows, summary(connections, lost=2, map_full=1)))
     assert len(final) == 1 and final[0]["type"] == "summary"
     s = final[0]
-    assert (s["connects"], s["events_lost"], s["map_full"], s["flows"]) == (18, 2, 1, len(flows))
+    assert (s["connections"], s["events_lost"], s["map_full"], s["flows"]) == (18, 2, 1, len(flows))
     assert s["inputs"] == ["ebpf"] and s["attach"] == "kprobe tcp_v4_connect, tcp_v6_connect"
     assert {r["run"] for r in streamed} == {s["run"]}
-    totals = {(t["dst"], t["dport"], t["uid"], t["comm"]): t["count"] for t in s["totals"]}
+    totals = {(t["dst"], t["dport"], t["uid"], t["comm"]): t["connections"] for t in s["totals"]}
     assert totals[("192.0.2.10", 443, 1000, "curl")] == 6  # 3 repeats, twice
-    assert sum(totals.values()) == table.connects
+    assert sum(totals.values()) == table.connections
 
 
 def test_flow_record_carries_the_process_and_its_parents() -> None:
@@ -94,7 +94,7 @@ def test_flow_record_carries_the_process_and_its_parents() -> None:
     assert record["process"]["parent"]["parent"]["name"] == "sshd"
     assert record["process"]["attribution"] == "proc"
     assert (record["time"], record["time_utc"]) == (START + 1, "2026-01-01T00:00:01.000000Z")
-    assert record["repeats"] == 3 and record["family"] == "ipv4" and record["protocol"] == "tcp"
+    assert record["connections"] == 3 and record["family"] == "ipv4" and record["protocol"] == "tcp"
 
 
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)))
@@ -160,9 +160,10 @@ def test_cli_unwritable_file_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_a_flow_recovered_from_the_kernel_map_is_valid() -> None:
     # Sync recovers a flow whose event was lost: no pid, gid or source is known.
     stdout = io.StringIO()
-    c = conn(proc(0, "curl", 1000, "alice", started=None), "192.0.2.10", 443, START)
-    c = Connection(**{**c.__dict__, "pid": 0, "gid": -1, "src": None, "sport": 0})
+    c = conn(proc(None, "curl", 1000, "alice", started=None), "192.0.2.10", 443, START)
+    c = Connection(**{**c.__dict__, "pid": None, "gid": None, "src": None, "sport": None})
     feed(make(stdout=stdout), [c])
     (record,) = records(stdout.getvalue())
-    assert (record["pid"], record["gid"], record["src"], record["sport"]) == (0, None, None, 0)
+    assert (record["pid"], record["gid"], record["src"], record["sport"]) == (None, None, None, None)
+    assert record["process"]["pid"] is None
     assert record["process"]["start_time"] is None and record["process"]["attribution"] == "name-only"

@@ -51,7 +51,7 @@ NO_CGROUP = proc(830, "wget", 1000, "alice")
 def scoped_connections() -> list[Connection]:
     """One destination used by two services and two users; a cgroup nft cannot name; an unknown one."""
     return [
-        conn(NGINX, "192.0.2.10", 443, START + 1, repeats=2),
+        conn(NGINX, "192.0.2.10", 443, START + 1, connections=2),
         conn(CRON, "192.0.2.10", 443, START + 2),
         conn(ODD_CGROUP, "192.0.2.10", 443, START + 3),
         conn(NO_CGROUP, "192.0.2.10", 443, START + 4),
@@ -159,7 +159,7 @@ def test_cgroup_scope() -> None:
 def test_cgroup_scope_keeps_counts_per_service() -> None:
     scoped = scoped_rules(flows_of(scoped_connections()), "cgroup")
     nginx = [s for s in scoped if s.cgroup == "system.slice/nginx.service" and s.rule.dport == 443]
-    assert len(nginx) == 1 and nginx[0].rule.count == 2 and nginx[0].cgroup_level == 2
+    assert len(nginx) == 1 and nginx[0].rule.connections == 2 and nginx[0].cgroup_level == 2
     assert [p.name for p in nginx[0].rule.processes] == ["nginx"]
 
 

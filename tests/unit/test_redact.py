@@ -190,7 +190,8 @@ def test_a_redacted_capture_rebuilds_the_same_rules(tmp_path: Path) -> None:
 
     def allowed(flows: list) -> list[tuple]:
         return [
-            (r.protocol, r.family, r.dst, r.dport, r.count, r.first_seen, r.last_seen) for r in rules_from_flows(flows)
+            (r.protocol, r.family, r.dst, r.dport, r.connections, r.first_seen, r.last_seen)
+            for r in rules_from_flows(flows)
         ]
 
     assert allowed(redacted.flows) == allowed(raw.flows) and len(allowed(raw.flows)) == 2

@@ -128,7 +128,7 @@ def test_rule_counts_and_times_are_merged() -> None:
     connections = sample_connections()
     rules = rules_from_flows(flows_of(connections))
     shared = next(r for r in rules if str(r.dst) == "192.0.2.10" and r.dport == 443)
-    assert shared.count == 4  # 3 repeats from curl and one wget
+    assert shared.connections == 4  # 3 repeats from curl and one wget
     assert (shared.first_seen, shared.last_seen) == (START + 1, START + 5)
     assert {p.pid for p in shared.processes} == {4242, 4300}
 

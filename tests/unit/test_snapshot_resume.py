@@ -145,7 +145,7 @@ def test_a_snapshot_writes_what_a_stop_at_that_moment_writes(tmp_path: Path) -> 
     assert len(checkpoints) == 1  # at 0.5 s; at 1.0 s nothing had changed since
     final = records(capture)[-1]
     assert final["type"] == "summary" and checkpoints[-1]["totals"] == final["totals"]
-    assert {(t["dst"], t["count"]) for t in final["totals"]} == {("192.0.2.10", 7), ("192.0.2.11", 1)}
+    assert {(t["dst"], t["connections"]) for t in final["totals"]} == {("192.0.2.10", 7), ("192.0.2.11", 1)}
     # stdout gets the rules once, at the end.
     assert stdout.count("#!/bin/sh") == 1 and stdout.count("table inet egress_auditor {") == 1
 
@@ -161,7 +161,7 @@ def test_checkpoints_carry_the_counts_of_their_moment(tmp_path: Path) -> None:
     )
     status, _, stderr = run(script, ["json"], [f"json:file:{capture}"], 1.2, snapshot_every=0.5)
     assert status == 0, stderr
-    counts = [(r["type"], r["totals"][0]["count"]) for r in records(capture) if r["type"] != "flow"]
+    counts = [(r["type"], r["totals"][0]["connections"]) for r in records(capture) if r["type"] != "flow"]
     assert counts == [("checkpoint", 5), ("checkpoint", 9), ("summary", 9)]
 
 
@@ -223,15 +223,15 @@ def test_a_resumed_run_covers_both_and_its_records_only_its_own(tmp_path: Path) 
     assert "with 2 flows of 1 earlier run(s) resumed" in stderr
     # The new run's summary holds its own part; the file read back adds the runs, counting nothing twice.
     summaries = [r for r in records(capture) if r["type"] == "summary"]
-    assert len(summaries) == 2 and summaries[1]["connects"] == 2
-    assert {(t["dst"], t["count"]) for t in summaries[1]["totals"]} == {("192.0.2.10", 1), ("203.0.113.5", 1)}
+    assert len(summaries) == 2 and summaries[1]["connections"] == 2
+    assert {(t["dst"], t["connections"]) for t in summaries[1]["totals"]} == {("192.0.2.10", 1), ("203.0.113.5", 1)}
     back = read_captures([str(capture)])
-    assert {(str(f.key.dst), f.count) for f in back.flows} == {
+    assert {(str(f.key.dst), f.connections) for f in back.flows} == {
         ("192.0.2.10", 4),
         ("192.0.2.11", 1),
         ("203.0.113.5", 1),
     }
-    assert back.summary.connects == 6
+    assert back.summary.connections == 6
 
 
 def test_a_run_stopped_hard_resumes_from_its_last_checkpoint_and_a_cut_line_is_skipped(
@@ -245,7 +245,7 @@ def test_a_run_stopped_hard_resumes_from_its_last_checkpoint_and_a_cut_line_is_s
     # As a SIGKILL in the middle of a write leaves it: no summary, half a record at the end.
     capture.write_text("".join(lines[:-1]) + lines[-1][:40])
     resumed = read_resume([str(capture)])
-    assert resumed is not None and [f.count for f in resumed.flows] == [6]
+    assert resumed is not None and [f.connections for f in resumed.flows] == [6]
     assert any("last line cut short (40 bytes), skipped" in n for n in resumed.notes)
     assert any("counts as of its last checkpoint" in n for n in resumed.notes)
     # The next run appends to the same file: the cut line is removed first, so the file stays a capture.
@@ -253,7 +253,7 @@ def test_a_run_stopped_hard_resumes_from_its_last_checkpoint_and_a_cut_line_is_s
     assert status == 0, stderr
     assert "removed a last line cut short (40 bytes" in capsys.readouterr().err
     back = read_captures([str(capture)])
-    assert [f.count for f in back.flows] == [7] and not any("cut short" in n for n in back.notes)
+    assert [f.connections for f in back.flows] == [7] and not any("cut short" in n for n in back.notes)
 
 
 def test_a_missing_resume_file_is_a_fresh_start(tmp_path: Path, capsys: Any) -> None:
@@ -269,12 +269,12 @@ def test_resuming_from_what_is_not_a_capture_is_one_line_naming_file_and_line(tm
     capture = tmp_path / "flows.jsonl"
     first_run(capture)
     good = capture.read_text()
-    not_capture, other_version = tmp_path / "notes.txt", tmp_path / "v2.jsonl"
+    not_capture, other_version = tmp_path / "notes.txt", tmp_path / "v3.jsonl"
     not_capture.write_text(good + "hello world\n" + good)
-    other_version.write_text(json.dumps({"version": 2, "type": "flow"}) + "\n")
+    other_version.write_text(json.dumps({"version": 3, "type": "flow"}) + "\n")
     for path, message in (
         (not_capture, f"{not_capture}:{good.count(chr(10)) + 1}: not JSON"),
-        (other_version, f"{other_version}:1: record version 2; this egress-auditor reads version 1"),
+        (other_version, f"{other_version}:1: record version 3; this egress-auditor reads versions 1 and 2"),
     ):
         done = cli("trace", "--no-live", "--resume", str(path))
         assert done.returncode == 2
@@ -316,7 +316,7 @@ def test_no_checkpoint_while_nothing_was_seen_since_the_last(tmp_path: Path) -> 
         output.snapshot(list(table), summary([A]))
     table.add(A)
     output.snapshot(list(table), summary([A, A]))
-    assert [(r["type"], r["connects"]) for r in records(capture) if r["type"] == "checkpoint"] == [
+    assert [(r["type"], r["connections"]) for r in records(capture) if r["type"] == "checkpoint"] == [
         ("checkpoint", 1),
         ("checkpoint", 2),
     ]
@@ -338,7 +338,7 @@ def test_a_checkpoint_lists_what_changed_since_the_last_and_reads_back_whole(tmp
     assert "totals_since" not in checkpoints[0] and checkpoints[1]["totals_since"] == START + 100 - 60
     # Stopped hard here: every flow comes back with its latest count.
     back = read_captures([str(capture)])
-    assert sorted((f.key.comm, f.count) for f in back.flows) == [("curl", 1), ("wget", 5)]
+    assert sorted((f.key.comm, f.connections) for f in back.flows) == [("curl", 1), ("wget", 5)]
     # A rotated file starts again with every flow.
     capture.rename(tmp_path / "flows.jsonl.1")
     output.reopen()

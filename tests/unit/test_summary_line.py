@@ -46,7 +46,7 @@ class ScriptedInput(InputBase):
         pass
 
     def stats(self) -> InputStats:
-        return InputStats(connects=5, events_lost=2)
+        return InputStats(connections=5, events_lost=2)
 
     def close(self) -> None:
         pass

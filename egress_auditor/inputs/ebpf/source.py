@@ -222,17 +222,17 @@ class EbpfInput:
             protocol=Transport(event.protocol),
             family=family,
             src=None if src.is_unspecified else src,
-            sport=event.sport,
+            sport=event.sport or None,  # 0: not chosen yet at this hook
             dst=to_address(family, event.daddr),
             dport=self._port(event.dport),
-            pid=event.pid,
+            pid=event.pid or None,
             uid=event.uid,
             gid=event.gid,
             comm=comm,
             input=self.name,
-            process=Process(pid=event.pid, name=comm, uid=event.uid),
-            tid=event.tid,
-            cgroup_id=event.cgroup_id,
+            process=Process(pid=event.pid or None, name=comm, uid=event.uid),
+            tid=event.tid or None,
+            cgroup_id=event.cgroup_id or None,
         )
 
     def poll(self, timeout_s: float, emit: Emit) -> None:
@@ -368,15 +368,15 @@ class EbpfInput:
             protocol=flow.protocol,
             family=flow.family,
             src=None,
-            sport=0,
+            sport=None,
             dst=flow.dst,
             dport=flow.dport,
-            pid=0,
+            pid=None,
             uid=flow.uid,
-            gid=-1,
+            gid=None,
             comm=flow.comm,
             input=self.name,
-            process=Process(pid=0, name=flow.comm, uid=flow.uid),
+            process=Process(pid=None, name=flow.comm, uid=flow.uid),
         )
 
     def _fold_lines(self, lines: CountLines, on_count: OnCount) -> None:

@@ -122,9 +122,9 @@ class NetfilterInput(InputBase):
         self.firewall: Firewall | None = None
         self.sockets = SocketTable()
         self.losses = LossCounter()
-        self.connects = 0
+        self.connections = 0
         self.ignored = 0  # packets that were not a connection's start (a broad rule of the user's)
-        self.repeats = 0  # SYN retransmits, and UDP packets before the first reply (conntrack still says NEW)
+        self.connections = 0  # SYN retransmits, and UDP packets before the first reply (conntrack still says NEW)
         self._recent: OrderedDict[tuple[Any, ...], float] = OrderedDict()
         self.backlog_dropped = 0
         self._backlog: deque[tuple[float, bytes]] = deque()  # (time received, datagram)
@@ -244,12 +244,12 @@ class NetfilterInput(InputBase):
                 self.ignored += 1
                 continue
             if self._repeated(packet, item.at):
-                self.repeats += 1
+                self.connections += 1
                 continue
             starts.append((item, packet))
         owners = self.sockets.owners([p for _, p in starts]) if starts else []
         for (item, packet), owner in zip(starts, owners, strict=True):
-            self.connects += 1
+            self.connections += 1
             emit(self._connection(item, packet, owner))
 
     def _repeated(self, packet: packets.Packet, at: float) -> bool:
@@ -263,11 +263,11 @@ class NetfilterInput(InputBase):
 
     def _connection(self, item: Received, packet: packets.Packet, owner: Any) -> Connection:
         uid = item.uid if item.uid is not None else (owner.uid if owner else -1)
-        gid = item.gid if item.gid is not None else -1
+        gid = item.gid
         if owner is not None:
             process = Process(pid=owner.pid, name=owner.comm, uid=uid, attribution=Attribution.SOCKET, gid=gid)
         else:
-            process = Process(pid=0, name=UNKNOWN, uid=uid, attribution=Attribution.NAME_ONLY, gid=gid)
+            process = Process(pid=None, name=UNKNOWN, uid=uid, attribution=Attribution.NAME_ONLY, gid=gid)
         return Connection(
             time=item.at,
             protocol=packet.protocol,
@@ -295,7 +295,7 @@ class NetfilterInput(InputBase):
 
     def stats(self) -> InputStats:
         dns_lost = self._dns.lost() if self._dns is not None else 0
-        return InputStats(connects=self.connects, events_lost=self.lost() + dns_lost)
+        return InputStats(connections=self.connections, events_lost=self.lost() + dns_lost)
 
     def close(self) -> None:
         """Rules first (nothing new arrives), then the reader (NFQUEUE accepts what is queued), then the socket."""
