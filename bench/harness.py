@@ -322,6 +322,21 @@ def running(tracer: Tracer) -> Iterator[Tracer]:
         tracer.kill()
 
 
+# -- the auditor under test ------------------------------------------------------------
+
+AUDITOR_RUNNING = "egress-auditor is running"
+SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
+
+
+def auditor_command() -> list[str]:
+    """This environment's auditor (beside its interpreter): another one first on PATH is another build."""
+    beside = Path(sys.executable).parent / "egress-auditor"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("egress-auditor")
+    return [found] if found else [sys.executable, "-m", "egress_auditor"]
+
+
 # -- the auditor's output --------------------------------------------------------------
 
 NEW_FLOW = re.compile(r"-> (127\.100\.\d+\.\d+):(\d+)")

@@ -23,10 +23,13 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
+    AUDITOR_RUNNING,
     ROOT,
+    SYNC_MARGIN_S,
     Namespace,
     Spread,
     Tracer,
+    auditor_command,
     bpf_programs,
     bpf_stats,
     build_loadgen,
@@ -37,7 +40,6 @@ from bench.harness import (
     wait_for_flows,
 )
 from bench.report import replace_section
-from bench.run import AUDITOR_RUNNING, SYNC_MARGIN_S, auditor_command
 
 SECTION_BEGIN = "<!-- programs:begin (bench/program_cost.py) -->"
 SECTION_END = "<!-- programs:end -->"

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,14 +26,17 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench import report, soak
 from bench.harness import (
+    AUDITOR_RUNNING,
     BENCH_DIR,
     BUILD_DIR,
     ROOT,
     STOPPED,
+    SYNC_MARGIN_S,
     Namespace,
     Spread,
     Stopped,
     Tracer,
+    auditor_command,
     bootstrap_ci,
     bpf_programs,
     bpf_stats,
@@ -52,10 +54,8 @@ from bench.harness import (
     wait_for_flows,
 )
 
-AUDITOR_RUNNING = "egress-auditor is running"
 BCC_FLOOR_RUNNING = "bcc floor is running"  # bench/bcc_floor.py
 PER_EVENT_RUNNING = "per-event reference is running"
-SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
 NETFILTER_INPUTS = ("nflog", "nfqueue")
 # Where the cost goes: the auditor without its UDP programs, and with DNS names (opt-in: their
 # program runs for every packet the host receives). Key in details -> (what, options).
@@ -154,15 +154,6 @@ class Context:
         for line in tracer.lines:
             if "input attached:" in line:
                 self.attach = line.split("input attached:", 1)[1].strip()
-
-
-def auditor_command() -> list[str]:
-    """This environment's auditor (beside its interpreter): another one first on PATH is another build."""
-    beside = Path(sys.executable).parent / "egress-auditor"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("egress-auditor")
-    return [found] if found else [sys.executable, "-m", "egress_auditor"]
 
 
 def events_lost(stopped: Stopped) -> int:
