@@ -40,15 +40,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
-from bench.report import replace_section  # noqa: E402
-from egress_auditor.attribution.lineage import LineageTracer  # noqa: E402
-from egress_auditor.attribution.process import ProcessResolver  # noqa: E402
-from egress_auditor.model import Connection, Process, Transport  # noqa: E402
-from egress_auditor.plugins import select  # noqa: E402
+from bench.checkout import ROOT
+from bench.report import replace_section
+from egress_auditor.attribution.lineage import LineageTracer
+from egress_auditor.attribution.process import ProcessResolver
+from egress_auditor.model import Connection, Process, Transport
+from egress_auditor.plugins import select
 
 SOURCE = ROOT / "bench" / "lineage_client.c"
 BUILD = ROOT / "bench" / "build"
