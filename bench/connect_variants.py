@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
 from bench.harness import ROOT, Spread, bpf_programs, bpf_stats, build_loadgen, namespace, run_client, server
 

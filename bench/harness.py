@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
+from bench.checkout import ROOT, TESTS, first_on_path
+
+BENCH_DIR = ROOT / "bench"
 BUILD_DIR = BENCH_DIR / "build"
 LOADGEN_SRC = BENCH_DIR / "loadgen.c"
 PORT_BASE = 31000
@@ -51,8 +52,8 @@ def build_loadgen(build_dir: Path = BUILD_DIR) -> Path:
 # -- network namespace ---------------------------------------------------------
 
 
-# One namespace helper for the tests and the benchmarks (tests/netns.py).
-sys.path.insert(0, str(ROOT / "tests"))
+# One namespace helper for the tests and the benchmarks, imported by the name the tests give it.
+first_on_path(TESTS)
 from netns import Namespace  # noqa: E402
 from netns import namespace as _test_namespace  # noqa: E402
 
@@ -320,6 +321,21 @@ def running(tracer: Tracer) -> Iterator[Tracer]:
         yield tracer
     finally:
         tracer.kill()
+
+
+# -- the auditor under test ------------------------------------------------------------
+
+AUDITOR_RUNNING = "egress-auditor is running"
+SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
+
+
+def auditor_command() -> list[str]:
+    """This environment's auditor (beside its interpreter): another one first on PATH is another build."""
+    beside = Path(sys.executable).parent / "egress-auditor"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("egress-auditor")
+    return [found] if found else [sys.executable, "-m", "egress_auditor"]
 
 
 # -- the auditor's output --------------------------------------------------------------

@@ -40,15 +40,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
-from bench.report import replace_section  # noqa: E402
-from egress_auditor.attribution.lineage import LineageTracer  # noqa: E402
-from egress_auditor.attribution.process import ProcessResolver  # noqa: E402
-from egress_auditor.model import Connection, Process, Transport  # noqa: E402
-from egress_auditor.plugins import select  # noqa: E402
+from bench.checkout import ROOT
+from bench.report import replace_section
+from egress_auditor.attribution.lineage import LineageTracer
+from egress_auditor.attribution.process import ProcessResolver
+from egress_auditor.model import Connection, Process, Transport
+from egress_auditor.plugins import select
 
 SOURCE = ROOT / "bench" / "lineage_client.c"
 BUILD = ROOT / "bench" / "build"
@@ -237,9 +237,10 @@ def markdown(runs: list[dict]) -> str:
         f"In each run a shell loop started {n} processes ({rate} per second), each connecting once to a",
         "closed loopback port and exiting at once: a quarter started directly, a quarter through `sh -c 'exec ...'`,",
         "a quarter through a shell that forks them, a quarter as nobody through `setpriv`. Each connection was",
-        "attributed as soon as its event reached user space, first from /proc (the Go tool's method), then from",
-        "the kernel lineage; both are checked against what each process wrote about itself. /proc's share",
-        "depends on who wins each race, so it varies from run to run; the lineage's does not.",
+        "attributed as soon as its event reached user space, first from /proc (the method of the original",
+        "egress-auditor, written in Go), then from the kernel lineage; both are checked against what each process",
+        "wrote about itself. /proc's share depends on who wins each race, so it varies from run to run; the",
+        "lineage's does not.",
         "",
         head,
         "| --- | --- | --- |",

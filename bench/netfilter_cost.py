@@ -24,10 +24,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Namespace, Tracer, build_loadgen, namespace, run_client, running, server
-from bench.run import auditor_command
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
-RUNNING_LINE = "egress-auditor is running"
+from bench.harness import (
+    AUDITOR_RUNNING,
+    Namespace,
+    Tracer,
+    auditor_command,
+    build_loadgen,
+    namespace,
+    run_client,
+    running,
+    server,
+)
+
 ADDRS, PORTS = 4, 4  # 16 flows: few enough that every input sees each flow often
 INPUT_ARGS = {
     "ebpf": ["-i", "ebpf"],
@@ -38,7 +49,7 @@ INPUT_ARGS = {
 
 def _auditor(ns: Namespace, name: str, workdir: Path, index: int) -> Tracer:
     argv = ns.cmd([*auditor_command(), "trace", "--no-live", *INPUT_ARGS[name]])
-    return Tracer(argv, RUNNING_LINE, workdir, f"{name}-{index}")
+    return Tracer(argv, AUDITOR_RUNNING, workdir, f"{name}-{index}")
 
 
 def _rate(ns: Namespace, loadgen: Path, seconds: float) -> float:

@@ -18,10 +18,9 @@ import platform
 import socket
 import statistics
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
 from bench.harness import bpf_programs, bpf_stats
 from egress_auditor.errors import AuditorError

@@ -14,19 +14,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
 from bench.harness import (
+    AUDITOR_RUNNING,
     ROOT,
+    SYNC_MARGIN_S,
     Namespace,
     Spread,
     Tracer,
+    auditor_command,
     bpf_programs,
     bpf_stats,
     build_loadgen,
@@ -37,7 +39,6 @@ from bench.harness import (
     wait_for_flows,
 )
 from bench.report import replace_section
-from bench.run import AUDITOR_RUNNING, SYNC_MARGIN_S, auditor_command
 
 SECTION_BEGIN = "<!-- programs:begin (bench/program_cost.py) -->"
 SECTION_END = "<!-- programs:end -->"

@@ -159,7 +159,7 @@ def markdown(results: dict[str, Any]) -> str:
     details = results["details"]
     ratio = details["connect_ratio_ebpf"]
     tcp = details["connect_ratio_ebpf_tcp_only"]
-    names = details.get("connect_ratio_ebpf_dns_names")  # from runs since DNS names became opt-in
+    names = details.get("connect_ratio_ebpf_dns_names")  # runs older than this breakdown lack it
     conntrack_peak = max(
         (d.get("conntrack_entries_max", 0) for d in details.values() if isinstance(d, dict)), default=0
     )
@@ -260,16 +260,17 @@ def markdown(results: dict[str, Any]) -> str:
         )
         + ".",
         f"- Where the eBPF input's cost goes: tracing TCP only (`-I ebpf:udp:off -I ebpf:dns:off`) gives "
-        f"{_fmt(tcp['median'])} ({_spread(tcp)}) against {_fmt(ratio['median'])} with the defaults (the UDP "
-        "programs: hooks that run per connect, send or UDP read)"
+        f"{_fmt(tcp['median'])} ({_spread(tcp)}) against {_fmt(ratio['median'])} with the defaults (their UDP "
+        "programs, hooks that run per connect, send or UDP read, and the DNS names' ingress program)"
         + (
             "; TCP only runs a subset of the defaults' programs, so its lower median here is this VM's noise"
             if tcp["median"] < ratio["median"]
             else ""
         )
         + (
-            f". With DNS names (`-I ebpf:dns:on`): {_fmt(names['median'])} ({_spread(names)}); their ingress "
-            "program runs for every packet of every socket, which is why names are off by default"
+            f". With DNS names required (`-I ebpf:dns:on`; the default, `dns:auto`, loads them wherever the "
+            f"kernel allows): {_fmt(names['median'])} ({_spread(names)}); their ingress program runs for every "
+            "packet of every socket, which is what `-I ebpf:dns:off` saves on hosts that receive very many packets"
             if names
             else ""
         )

@@ -1,6 +1,8 @@
 """Run every egress-auditor benchmark: `sudo make bench`, or `bench/run.py --quick`
 for a short smoke run. Needs root (BPF, network namespaces). Writes
-bench/results.json and docs/benchmarks.md (the quick mode writes under bench/build/)."""
+bench/results.json and docs/benchmarks.md (the quick mode writes under bench/build/).
+`bench/run.py --render` writes docs/benchmarks.md again from bench/results.json as
+recorded, running nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -22,19 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
 from bench import report, soak
 from bench.harness import (
+    AUDITOR_RUNNING,
     BENCH_DIR,
     BUILD_DIR,
     ROOT,
     STOPPED,
+    SYNC_MARGIN_S,
     Namespace,
     Spread,
     Stopped,
     Tracer,
+    auditor_command,
     bootstrap_ci,
     bpf_programs,
     bpf_stats,
@@ -52,13 +56,11 @@ from bench.harness import (
     wait_for_flows,
 )
 
-AUDITOR_RUNNING = "egress-auditor is running"
 BCC_FLOOR_RUNNING = "bcc floor is running"  # bench/bcc_floor.py
 PER_EVENT_RUNNING = "per-event reference is running"
-SYNC_MARGIN_S = 1.5  # the auditor folds kernel counts at least once a second
 NETFILTER_INPUTS = ("nflog", "nfqueue")
-# Where the cost goes: the auditor without its UDP programs, and with DNS names (opt-in: their
-# program runs for every packet the host receives). Key in details -> (what, options).
+# Where the cost goes: the auditor without its UDP and DNS programs, and with DNS names required
+# (their program runs for every packet the host receives). Key in details -> (what, options).
 BREAKDOWNS = {
     "tcp_only": ("tracing TCP only", ("-I", "ebpf:udp:off", "-I", "ebpf:dns:off")),
     "dns_names": ("with DNS names", ("-I", "ebpf:dns:on")),
@@ -154,15 +156,6 @@ class Context:
         for line in tracer.lines:
             if "input attached:" in line:
                 self.attach = line.split("input attached:", 1)[1].strip()
-
-
-def auditor_command() -> list[str]:
-    """This environment's auditor (beside its interpreter): another one first on PATH is another build."""
-    beside = Path(sys.executable).parent / "egress-auditor"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("egress-auditor")
-    return [found] if found else [sys.executable, "-m", "egress_auditor"]
 
 
 def events_lost(stopped: Stopped) -> int:
@@ -705,8 +698,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a short smoke run with tiny numbers")
     parser.add_argument("--json", type=Path, help="results file (default bench/results.json)")
     parser.add_argument("--markdown", type=Path, help="table (default docs/benchmarks.md)")
-    parser.add_argument(
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument(
         "--only", choices=("soak", "memory"), help="run one stage alone; its figures join the results file"
+    )
+    stage.add_argument(
+        "--render", action="store_true", help="only write the Markdown from the results file as recorded (runs nothing)"
     )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
@@ -715,14 +712,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json_path = args.json or (default_dir / "results.json" if default_dir else BENCH_DIR / "results.json")
     md_path = args.markdown or (default_dir / "benchmarks.md" if default_dir else ROOT / "docs" / "benchmarks.md")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    results = only_stage(args.only, cfg, json_path, log) if args.only else run_all(cfg, log=log)
-    report.write_json(results, json_path)
+    if args.render:  # the figures stay as recorded: results.json is read, never written
+        results = json.loads(json_path.read_text())
+    else:
+        results = only_stage(args.only, cfg, json_path, log) if args.only else run_all(cfg, log=log)
+        report.write_json(results, json_path)
     report.write_markdown(results, md_path)
     for key in report.KEYS:
         verdict = report.met(results, key)
         state = "" if verdict is None else (" (goal met)" if verdict else " (goal MISSED)")
         print(f"{key}: {results[key]}{state}", file=sys.stderr)
-    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    print(f"wrote {md_path}" if args.render else f"wrote {json_path} and {md_path}", file=sys.stderr)
     return results
 
 

@@ -22,14 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: bench/ is sys.path[0], the project is not (bench/checkout.py)
+    import checkout  # noqa: F401
 
 from bench.harness import (
+    AUDITOR_RUNNING,
     BUILD_DIR,
     PORT_BASE,
     Namespace,
     Tracer,
+    auditor_command,
     build_loadgen,
     cpu_seconds,
     namespace,
@@ -38,7 +40,6 @@ from bench.harness import (
     status_mb,
 )
 
-AUDITOR_RUNNING = "egress-auditor is running"
 SUMMARY = re.compile(r"summary: (\d+) flows, (\d+) connections, (\d+) events lost")
 SAMPLE_S = 1.0  # RSS and CPU sampled this often while the soak runs
 SUMMARY_EVERY = "1s"
@@ -232,8 +233,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench/soak.py needs root (BPF programs, network namespaces)")
-    from bench.run import auditor_command
-
     cfg = QUICK if args.quick else FULL
     if args.bursts:
         cfg = dataclasses.replace(cfg, bursts=args.bursts)

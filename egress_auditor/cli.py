@@ -39,7 +39,7 @@ TRACE_EPILOG = """Examples:\n
   sudo egress-auditor trace --duration 60 > rules.sh\n
   sudo egress-auditor trace -t 5m -O iptables:verbose:2\n
   sudo egress-auditor trace -O iptables:format:restore -O iptables:policy:drop > rules.v4\n
-  sudo egress-auditor -i ebpf -o iptables -O iptables:verbose:2   (the Go tool's form)\n
+  sudo egress-auditor -i ebpf -o iptables -O iptables:verbose:2   (the Go original's form)\n
   sudo egress-auditor trace -O iptables:scope:cgroup -t 1h   (each rule only for the service that needed it)\n
   sudo egress-auditor trace -- pip install -r requirements.txt > rules.sh   (one command, run as you)\n
   sudo egress-auditor trace --baseline ci-egress.jsonl -- make test   (exit 3 if it talks to something new)"""
