@@ -123,7 +123,7 @@ class EbpfInput:
             self.plan = dataclasses.replace(self.plan, dns=False, reason=self.plan.reason + note)
         return self._build(build.program_text(self.plan.pieces(), src), [*self.plan.cflags(), *cflags], identity)
 
-    def _build(self, text: str, cflags: list[str], identity: list[str]) -> Any:
+    def _build(self, text: bytes, cflags: list[str], identity: list[str]) -> Any:
         """The BPF object, names and uids read from the task where the kernel lets these programs do
         so: one whose cgroup programs lack bpf_get_current_task_btf refuses them at load, and gets the
         helpers instead."""
@@ -135,7 +135,7 @@ class EbpfInput:
                 self.identity_from_task = False
         return self._load(text, cflags)
 
-    def _load(self, text: str, cflags: list[str]) -> Any:
+    def _load(self, text: bytes, cflags: list[str]) -> Any:
         assert self.plan is not None
         return build.load(self.plan, text, cflags)
 
