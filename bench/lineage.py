@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bench.report import replace_section  # noqa: E402
-from egress_auditor.attribution.lineage import LineageTracer  # noqa: E402
+from egress_auditor.attribution.lineage_tracer import LineageTracer  # noqa: E402
 from egress_auditor.attribution.process import ProcessResolver  # noqa: E402
 from egress_auditor.model import Connection, Process, Transport  # noqa: E402
 from egress_auditor.plugins import select  # noqa: E402
