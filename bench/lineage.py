@@ -45,8 +45,9 @@ if not __package__:  # run as a file: bench/ is sys.path[0], the project is not 
 
 from bench.checkout import ROOT
 from bench.report import replace_section
-from egress_auditor.attribution.lineage import LineageTracer
+from egress_auditor.attribution.lineage_tracer import LineageTracer
 from egress_auditor.attribution.process import ProcessResolver
+from egress_auditor.inputs import Input
 from egress_auditor.model import Connection, Process, Transport
 from egress_auditor.plugins import select
 
@@ -129,6 +130,67 @@ def checks(process: Process | None, truth: Truth, argv: tuple[str, ...], exe: st
     }
 
 
+Seen = dict[int, tuple[Connection, Process, Process | None]]  # by port: the event, /proc's view, the lineage's
+
+
+def watch(ebpf_input: Input, lineage: LineageTracer, processes: int, client: Path, log: Path) -> tuple[Seen, float]:
+    """Start the processes in a namespace of our own, attributing each connection as its event arrives;
+    returns what was seen and the seconds it took."""
+    resolver = ProcessResolver()
+    seen: Seen = {}
+    ports = range(PORT_BASE, PORT_BASE + processes)
+    with namespace() as ns:
+        env = {**os.environ, "N": str(processes), "PORT_BASE": str(PORT_BASE), "C": str(client)}
+        env["LOG"] = str(log)
+        started = time.monotonic()
+        loop = subprocess.Popen(["ip", "netns", "exec", ns, "sh", "-c", LOOP], env=env)
+        deadline = time.monotonic() + 60 + processes / 10
+        while len(seen) < processes and time.monotonic() < deadline:
+            queued: list[Connection] = []
+            ebpf_input.poll(0.005, queued.append)
+            mine = [c for c in queued if c.protocol is Transport.TCP and c.dport in ports]
+            # /proc, read the moment the event arrives.
+            at_event = [resolver.resolve(c.pid, c.comm, c.uid, c.time) for c in mine]
+            lineage.consume()
+            for conn, proc_view in zip(mine, at_event, strict=True):
+                kernel_view = lineage.table.process(conn.pid, conn.time, conn.uid, conn.gid)
+                seen[conn.dport] = (conn, proc_view, kernel_view)
+            if loop.poll() is not None and not queued and len(seen) < processes:
+                time.sleep(0.05)
+        loop.wait(timeout=60)
+        return seen, time.monotonic() - started
+
+
+def read_truths(log: Path) -> dict[str, Truth]:
+    truths = {}
+    for line in log.read_text().splitlines():
+        token, pid, ppid, uid = line.split()
+        truths[token] = Truth(token, int(pid), int(ppid), int(uid))
+    return truths
+
+
+def score(
+    seen: Seen, truths: dict[str, Truth], processes: int, client: Path, log: Path
+) -> tuple[Score, Score, dict[str, tuple[Score, Score]]]:
+    """Both views of each connection checked against its process's own word: kernel, /proc, and both by shape."""
+    kernel, proc_fs = Score(Counter()), Score(Counter())
+    per_shape = {shape: (Score(Counter()), Score(Counter())) for shape in SHAPES}
+    exe = os.path.realpath(client)
+    for i, port in enumerate(range(PORT_BASE, PORT_BASE + processes)):
+        truth = truths.get(f"t{i}")
+        entry = seen.get(port)
+        argv = (str(client), str(port), f"t{i}", str(log))
+        k_checks = checks(entry[2] if entry else None, truth, argv, exe) if truth else dict.fromkeys(FIELDS, False)
+        p_checks = checks(entry[1] if entry else None, truth, argv, exe) if truth else dict.fromkeys(FIELDS, False)
+        if entry and truth and entry[0].pid != truth.pid:
+            k_checks = p_checks = dict.fromkeys(FIELDS, False)  # not even the same process
+        kernel.add(k_checks)
+        proc_fs.add(p_checks)
+        per_shape[SHAPES[i % 4]][0].add(k_checks)
+        per_shape[SHAPES[i % 4]][1].add(p_checks)
+    return kernel, proc_fs, per_shape
+
+
 def run(processes: int) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="ea-lineage-"))
     os.chmod(work, 0o755)  # the setpriv shape runs the client as nobody
@@ -137,58 +199,19 @@ def run(processes: int) -> dict[str, object]:
         log = work / "truth.log"
         log.touch()
         os.chmod(log, 0o666)
-        source = select("input", ["ebpf"], [], default="ebpf").create()[0]
+        ebpf_input = select("input", ["ebpf"], [], default="ebpf").create()[0]
         lineage = LineageTracer()
-        resolver = ProcessResolver()
-        attach = source.open()
+        attach = ebpf_input.open()
         lineage.open()
-        seen: dict[int, tuple[Connection, Process, Process | None]] = {}
-        ports = range(PORT_BASE, PORT_BASE + processes)
         try:
-            with namespace() as ns:
-                env = {**os.environ, "N": str(processes), "PORT_BASE": str(PORT_BASE), "C": str(client)}
-                env["LOG"] = str(log)
-                started = time.monotonic()
-                loop = subprocess.Popen(["ip", "netns", "exec", ns, "sh", "-c", LOOP], env=env)
-                deadline = time.monotonic() + 60 + processes / 10
-                while len(seen) < processes and time.monotonic() < deadline:
-                    queued: list[Connection] = []
-                    source.poll(0.005, queued.append)
-                    mine = [c for c in queued if c.protocol is Transport.TCP and c.dport in ports]
-                    # /proc, read the moment the event arrives.
-                    at_event = [resolver.resolve(c.pid, c.comm, c.uid, c.time) for c in mine]
-                    lineage.consume()
-                    for conn, proc_view in zip(mine, at_event, strict=True):
-                        kernel_view = lineage.table.process(conn.pid, conn.time, conn.uid, conn.gid)
-                        seen[conn.dport] = (conn, proc_view, kernel_view)
-                    if loop.poll() is not None and not queued and len(seen) < processes:
-                        time.sleep(0.05)
-                loop.wait(timeout=60)
-                elapsed = time.monotonic() - started
+            seen, elapsed = watch(ebpf_input, lineage, processes, client, log)
         finally:
-            stats = source.stats()
+            stats = ebpf_input.stats()
             lineage_lost, lineage_events = lineage.lost(), lineage.events()
-            source.close()
+            ebpf_input.close()
             lineage.close()
-        truths = {}
-        for line in log.read_text().splitlines():
-            token, pid, ppid, uid = line.split()
-            truths[token] = Truth(token, int(pid), int(ppid), int(uid))
-        kernel, proc_fs = Score(Counter()), Score(Counter())
-        per_shape = {shape: (Score(Counter()), Score(Counter())) for shape in SHAPES}
-        exe = os.path.realpath(client)
-        for i, port in enumerate(ports):
-            truth = truths.get(f"t{i}")
-            entry = seen.get(port)
-            argv = (str(client), str(port), f"t{i}", str(log))
-            k_checks = checks(entry[2] if entry else None, truth, argv, exe) if truth else dict.fromkeys(FIELDS, False)
-            p_checks = checks(entry[1] if entry else None, truth, argv, exe) if truth else dict.fromkeys(FIELDS, False)
-            if entry and truth and entry[0].pid != truth.pid:
-                k_checks = p_checks = dict.fromkeys(FIELDS, False)  # not even the same process
-            kernel.add(k_checks)
-            proc_fs.add(p_checks)
-            per_shape[SHAPES[i % 4]][0].add(k_checks)
-            per_shape[SHAPES[i % 4]][1].add(p_checks)
+        truths = read_truths(log)
+        kernel, proc_fs, per_shape = score(seen, truths, processes, client, log)
         return {
             "processes": processes,
             "connections_seen": len(seen),

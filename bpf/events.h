@@ -95,7 +95,7 @@ struct ea_dns_event {
     u8 data[EA_DNS_MAX];
 };
 
-/* ---- Process lineage (bpf/process.bpf.c, egress_auditor/lineage.py) ---- */
+/* ---- Process lineage (bpf/process.bpf.c, egress_auditor/attribution/lineage_tracer.py) ---- */
 #define EA_PROC_FORK 1 /* a new process (not a thread); pid is the child */
 #define EA_PROC_EXEC 2 /* pid now runs filename with args */
 #define EA_PROC_EXIT 3 /* the last thread of pid exited */

@@ -1,6 +1,6 @@
 /* Where connect events leave for user space, chosen here and nowhere else in
  * the kernel side: the BPF ring buffer with EA_USE_RINGBUF (5.8+), else a perf
- * buffer (user space opens the same: inputs/ebpf/source.py). The first piece
+ * buffer (user space opens the same: inputs/ebpf/input.py). The first piece
  * of the compile unit, joined rather than #included: BCC rewrites a map call
  * only where the main text spells it out, never in a header or a macro; and
  * it learns the record's type (user space's table.event) from the submit's

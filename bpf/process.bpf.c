@@ -1,5 +1,5 @@
 /* Process lineage: forks, execs (with the start of argv) and exits, sent
- * through their own ring buffer to egress_auditor/lineage.py.
+ * through their own ring buffer to egress_auditor/attribution/lineage_tracer.py.
  *   fork: task:task_newtask, which carries clone_flags so threads
  *         (CLONE_THREAD) are left out in the kernel; sched:sched_process_fork
  *         when the kernel lacks it (EA_FORK_SCHED: threads then look like

@@ -139,7 +139,7 @@ def trace(
 ) -> None:
     """Watch new outbound connections; print the rules that allow them on exit."""
     from egress_auditor.attribution.cgroups import cgroup2_where_hidden
-    from egress_auditor.attribution.lineage import LineageTracer
+    from egress_auditor.attribution.lineage_tracer import LineageTracer
     from egress_auditor.capture.flows import FlowTable
     from egress_auditor.capture.reader import CaptureError, read_resume
     from egress_auditor.command import AuditedCommand, invoking_user

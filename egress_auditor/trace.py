@@ -50,7 +50,7 @@ from egress_auditor.model import Connection, Flow, FlowKey, Summary
 from egress_auditor.outputs import Output
 
 if TYPE_CHECKING:
-    from egress_auditor.attribution.lineage import LineageTracer
+    from egress_auditor.attribution.lineage_tracer import LineageTracer
 
 RUNNING_LINE = "egress-auditor is running... press ctrl-c to stop"
 POLL_S = 0.1

@@ -1,5 +1,5 @@
 """JSON records of a run, shared by the json and loki outputs and read back by
-capture.py: one `flow` record per new flow, a `checkpoint` record at each
+capture/reader.py: one `flow` record per new flow, a `checkpoint` record at each
 snapshot (a summary as of then), one `summary` record at the end.
 
 The format is versioned; egress_auditor/capture/schema/flow-v2.json describes it. Version 1

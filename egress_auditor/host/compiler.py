@@ -1,8 +1,11 @@
-"""Where the BPF sources are, and what every BCC compile of ours passes to clang beyond its own flags."""
+"""Where the BPF sources are, and how every BCC compile of ours is made: bpf/ files joined into one
+compile unit, and what it passes to clang beyond its own flags."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from egress_auditor.errors import AuditorError
 
@@ -28,3 +31,15 @@ def bpf_source_dir() -> Path:
         if (candidate / "flow_map.bpf.c").exists():
             return candidate
     raise AuditorError(f"BPF sources not found (looked in {BPF_DIR})")
+
+
+def compile_unit(names: Iterable[str], src: Path) -> bytes:
+    """Files of bpf/ joined into one compile unit, each under its own name in clang's messages."""
+    return "\n".join(f'#line 1 "{name}"\n' + (src / name).read_text() for name in names).encode()
+
+
+def compile_bpf(text: bytes, cflags: list[str]) -> Any:
+    """BCC's object of one compile unit of ours (cflags name bpf/ with -I), clang's warnings as --debug asks."""
+    from bcc import BPF  # imported late: `list`, `doctor` and the unit tests work without BCC
+
+    return BPF(text=text, cflags=[*cflags, *warning_flags()])

@@ -527,7 +527,7 @@ def test_thousands_of_flows_pass_through_a_small_flow_map_with_exact_counts(
     address = ipaddress.ip_address(net.b4)
     ours = {k.dport: n for k, n in received.counts.items() if k.dst == address and k.comm == info["comm"]}
     assert ours == {**dict.fromkeys(ports, 1), keep: len(ports)}
-    assert source._gens is not None and source._gens.epoch > len(ports) // max_flows, "flipped as they filled"
+    assert source._ledger is not None and source._ledger.gens.epoch > len(ports) // max_flows, "flipped as they filled"
     recovered = [c for c in received.synced if c.dst == address and c.pid is None]
     assert len(recovered) <= source.stats().events_lost
     assert source.stats().map_full == 0, "no generation filled up"

@@ -1,4 +1,4 @@
-"""Kernel process lineage (bpf/process.bpf.c + lineage.py) with the real eBPF
+"""Kernel process lineage (bpf/process.bpf.c, lineage_tracer.py, lineage.py) with the real eBPF
 input: processes that are gone before user space looks, a renamed thread,
 a reused PID, a cgroup made by the test. Connections go to closed ports on
 the loopback of a namespace of the test's own (the kernel answers RST), and
@@ -18,7 +18,7 @@ import pytest
 from netns import Namespace
 
 from egress_auditor.attribution.cgroups import CgroupResolver, cgroup2_mount
-from egress_auditor.attribution.lineage import LineageTracer
+from egress_auditor.attribution.lineage_tracer import LineageTracer
 from egress_auditor.attribution.process import Attributor, ProcessResolver
 from egress_auditor.model import Attribution, Connection, Process, Transport
 from egress_auditor.plugins import select

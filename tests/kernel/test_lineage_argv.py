@@ -16,14 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from egress_auditor.attribution.lineage import (
-    ARGS_CUT,
-    ARGS_FROM_STACK,
-    ARGS_FROM_SYSCALLS,
-    LineageTracer,
-    ProcessEvent,
-    ProcessTable,
-)
+from egress_auditor.attribution.lineage import ARGS_CUT, ProcessEvent, ProcessTable
+from egress_auditor.attribution.lineage_tracer import ARGS_FROM_STACK, ARGS_FROM_SYSCALLS, LineageTracer
 from egress_auditor.host import facts as host
 
 EXEC = 2  # EA_PROC_EXEC

@@ -99,18 +99,19 @@ class Harness:
     """An EbpfInput whose kernel is a few Python objects; events "arrive" when poll() reads."""
 
     def __init__(self) -> None:
-        self.source = source = EbpfInput(PLUGIN.defaults())
+        self.input = ebpf_input = EbpfInput(PLUGIN.defaults())
         self.gens = Gens()
         self.stats = Stats()
         self.arriving: list[Event] = []
         self.emitted: list[Connection] = []
         self.added: dict[int, int] = {}
-        tables = {"flows": Table(), "events": Table(), "stats": self.stats}
-        source.bpf = tables
-        source.plan = object()  # type: ignore[assignment]
-        source._gens = self.gens  # type: ignore[assignment]
-        source._reader.take = self._take  # type: ignore[method-assign]
-        source._read_events = self._read_events  # type: ignore[method-assign]
+        ebpf_input.bpf = {"flows": Table(), "events": Table(), "stats": self.stats}
+        ebpf_input.plan = object()  # type: ignore[assignment]
+        ebpf_input._bind(self.gens)  # type: ignore[arg-type]
+        assert ebpf_input._ledger is not None
+        self.ledger = ebpf_input._ledger
+        self.ledger._reader.take = self._take  # type: ignore[method-assign]
+        ebpf_input._read_events = self._read_events  # type: ignore[method-assign]
 
     def _take(self, table: Table) -> list[tuple[bytes, bytes, int]]:
         chunk = (b"".join(bytes(k) for k, _ in table.entries), b"".join(bytes(v) for _, v in table.entries))
@@ -121,8 +122,8 @@ class Harness:
         began = time.monotonic_ns()
         arriving, self.arriving = self.arriving, []
         for e in arriving:
-            self.source._on_event(None, e, ctypes.sizeof(e))
-        self.source._read_upto_ns = began
+            self.input._on_event(None, e, ctypes.sizeof(e))
+        self.input._read_upto_ns = began
 
     def count(self, port: int, count: int, epoch_table: int | None = None) -> None:
         """The kernel counted `count` connects of this flow in the live generation."""
@@ -134,7 +135,7 @@ class Harness:
         def on_count(flow: FlowKey, added: int, _last: float) -> None:
             self.added[flow.dport] = self.added.get(flow.dport, 0) + added
 
-        self.source.sync(self.emitted.append, on_count)
+        self.input.sync(self.emitted.append, on_count)
 
     def ports(self, recovered: bool) -> list[int]:
         return sorted(c.dport for c in self.emitted if (c.pid is None) == recovered)
@@ -176,7 +177,7 @@ def test_a_late_event_of_a_settled_generation_is_dropped() -> None:
     h.sync()  # no event read by the flip: recovered
     assert h.ports(recovered=True) == [80]
     h.arriving.append(event(80, epoch=1))  # its record was behind one still being written
-    h.source.poll(0, h.emitted.append)
+    h.input.poll(0, h.emitted.append)
     assert len(h.emitted) == 1, "that connect was the one recovered"
     assert h.added == {80: 1}
 
@@ -184,25 +185,24 @@ def test_a_late_event_of_a_settled_generation_is_dropped() -> None:
 def test_a_generation_waits_until_the_events_are_read_past_its_flip() -> None:
     h = Harness()
     h.count(80, 1)
-    h.source._flip()  # as poll() does when the generation fills
-    h.source._read_upto_ns = 0  # the ring not read since
-    h.source._settle()
-    assert not h.source._recover and h.source._taken, "not settled: its event may still be in the ring"
+    h.ledger.flip()  # as poll() does when the generation fills
+    h.ledger.settle(0)  # the ring not read since
+    assert not h.ledger.recover and h.ledger.taken, "not settled: its event may still be in the ring"
     h.arriving.append(event(80, epoch=1))
-    h.source.poll(0, h.emitted.append)
+    h.input.poll(0, h.emitted.append)
     assert h.ports(recovered=False) == [80] and h.ports(recovered=True) == []
 
 
 def test_poll_flips_a_filling_generation_and_recoveries_follow_the_events() -> None:
     h = Harness()
-    h.source.options = {**h.source.options, "max_flows": 8}
+    h.input.options = {**h.input.options, "max_flows": 8}
     for port in range(4):  # half of max_flows announced: the generation may be filling
         h.count(1000 + port, 1)
         h.arriving.append(event(1000 + port, epoch=1))
     h.count(2000, 1)  # no event: lost
     h.stats.lost = 1
-    h.source.poll(0, h.emitted.append)
+    h.input.poll(0, h.emitted.append)
     assert h.gens.epoch == 2, "flipped from poll()"
-    h.source.poll(0, h.emitted.append)
+    h.input.poll(0, h.emitted.append)
     assert h.ports(recovered=True) == [2000]
     assert h.ports(recovered=False) == [1000, 1001, 1002, 1003]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from egress_auditor.host import facts as host
 from egress_auditor.host.btf import task_fields
-from egress_auditor.host.compiler import bpf_source_dir, warning_flags
+from egress_auditor.host.compiler import bpf_source_dir, compile_bpf, compile_unit
 from egress_auditor.inputs.ebpf.count_lines import LINE_MUL, line_bits
 from egress_auditor.inputs.ebpf.plan import AttachPlan
 
@@ -32,9 +32,7 @@ def program_text(pieces: tuple[str, ...], src: Path | None = None) -> bytes:
     main text, so the pieces that use maps are joined, not #included; the
     map-free helpers are headers they #include (bpf/*.bpf.h).
     """
-    src = src or bpf_source_dir()
-    parts = [f'#line 1 "{name}"\n' + (src / name).read_text() for name in (*SHARED_PIECES, *pieces)]
-    return "\n".join(parts).encode()
+    return compile_unit((*SHARED_PIECES, *pieces), src or bpf_source_dir())
 
 
 def count_lines_for(option: str | int, max_flows: int, buffer: str) -> int:
@@ -61,17 +59,17 @@ def count_line_flags(lines: int) -> tuple[tuple[int, ...], list[str]]:
 
 def identity_flags() -> list[str]:
     """Compiler flags that read a connect's process name and uid from the current task (offsets from
-    the kernel's BTF: task_fields.py); none where the kernel lacks them, and the helpers read them."""
+    the kernel's BTF: host/btf.py); none where the kernel lacks them, and the helpers read them."""
     fields = task_fields()
     return fields.cflags() if fields is not None else []
 
 
-def load(plan: AttachPlan, text: str, cflags: list[str]) -> Any:
+def load(plan: AttachPlan, text: bytes, cflags: list[str]) -> Any:
     """Compile, and load the cgroup programs (BCC keeps them for the attach): the verifier
     answers here, before anything is attached."""
     from bcc import BPF, BPFAttachType  # imported late: `list` and `doctor` work without BCC
 
-    built = BPF(text=text, cflags=[*cflags, *warning_flags()])
+    built = compile_bpf(text, cflags)
     try:
         for function, prog_type, attach_name in plan.cgroup_programs():
             attach_type = getattr(BPFAttachType, attach_name)

@@ -12,7 +12,7 @@ from typing import Any
 from egress_auditor.attribution.names import DnsNames
 from egress_auditor.errors import AuditorError
 from egress_auditor.host import facts as host
-from egress_auditor.host.compiler import warning_flags
+from egress_auditor.host.compiler import compile_bpf
 from egress_auditor.inputs.ebpf import build
 from egress_auditor.inputs.ebpf.decode import STAT_EVENTS_LOST
 from egress_auditor.inputs.ebpf.plan import INGRESS_PROGRAM
@@ -44,9 +44,7 @@ class DnsAnswers:
         src = build.bpf_source_dir()
         cflags = [f"-I{src}", "-DEA_DNS", "-DEA_USE_RINGBUF", f"-DEA_DNS_PAGES={self.pages}", *UNUSED_SIZES]
         try:
-            from bcc import BPF  # imported late: the netfilter inputs run without BCC
-
-            self.bpf = BPF(text=build.program_text(PIECES, src), cflags=[*cflags, *warning_flags()])
+            self.bpf = compile_bpf(build.program_text(PIECES, src), cflags)
             self.cgroup.attach(self.bpf, root, (INGRESS_PROGRAM,))
             self.bpf["dns_events"].open_ring_buffer(self._on_dns)
         except Exception as exc:  # BCC raises bare Exception for compile, load and attach failures

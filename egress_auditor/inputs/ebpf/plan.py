@@ -1,5 +1,5 @@
 """Where the eBPF input attaches: a plan made from what the host offers
-(host.py's facts), with no side effect but asking the kernel about fentry.
+(host/facts.py), with no side effect but asking the kernel about fentry.
 
 The TCP hook is the cheapest per connect that loads here; UDP and DNS
 follow what the kernel allows (docs/inputs.md, docs/decisions/).
@@ -8,6 +8,7 @@ follow what the kernel allows (docs/inputs.md, docs/decisions/).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from egress_auditor.errors import AuditorError
 from egress_auditor.host import facts as host
@@ -107,11 +108,16 @@ class AttachPlan:
         return flags
 
 
-def _plan_udp(udp: str, ring_ok: bool, cgroup_root: str | None) -> tuple[str, str]:
+def _why_not_cgroup(cgroup_root: Path | None) -> str:
+    """Why the cgroup programs cannot be used, when they cannot."""
+    return "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
+
+
+def _plan_udp(udp: str, ring_ok: bool, cgroup_root: Path | None) -> tuple[str, str]:
     """The UDP path and why: cgroup hooks need cgroup v2 and the ring buffer."""
     syscalls_ok = all(host.tracepoint_exists("syscalls", f"sys_{e}_{c}") for e, c in host.SYSCALL_TRACEPOINTS)
     cgroup_ok = cgroup_root is not None and ring_ok
-    why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
+    why_not_cgroup = _why_not_cgroup(cgroup_root)
     if udp == "off":
         return "off", "UDP off"
     if udp == "cgroup":
@@ -129,16 +135,15 @@ def _plan_udp(udp: str, ring_ok: bool, cgroup_root: str | None) -> tuple[str, st
     return "off", f"UDP not traced: {why_not_cgroup} and no syscall tracepoints"
 
 
-def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") -> AttachPlan:
-    """Decide the attach paths and buffer from what the kernel offers."""
-    ring_ok = host.ringbuf_supported()
+def _plan_buffer(buffer: str, ring_ok: bool) -> str:
+    """The event buffer: the ring buffer where asked for, or with auto where the kernel has it."""
     if buffer == "ringbuf" and not ring_ok:
         raise AuditorError("-I ebpf:buffer:ringbuf: this kernel has no BPF ring buffer (5.8+); use perf or auto")
-    chosen = "ringbuf" if buffer == "ringbuf" or (buffer == "auto" and ring_ok) else "perf"
-    cgroup_root = host.cgroup2_root()
-    # The cgroup programs use helpers that came with the ring buffer (5.8).
-    cgroup_ok = cgroup_root is not None and chosen == "ringbuf"
-    why_not_cgroup = "no cgroup v2 mount" if cgroup_root is None else "no ring buffer"
+    return "ringbuf" if buffer == "ringbuf" or (buffer == "auto" and ring_ok) else "perf"
+
+
+def _plan_tcp(probe: str, cgroup_ok: bool, why_not_cgroup: str) -> tuple[str, str]:
+    """The TCP hook and why: the one asked for if it is usable here, else with auto the cheapest."""
     kprobes_ok, kprobes_why = host.kprobes_usable()
     tracepoint_ok = host.tracepoint_exists("sock", "inet_sock_set_state")
     # Tried only when it may be chosen: it loads (and attaches) a program.
@@ -147,45 +152,58 @@ def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") ->
     if probe == "fentry":
         if not fentry_ok:
             raise AuditorError(f"-I ebpf:probe:fentry: {fentry_why}; use ebpf:probe:kprobe, cgroup, tracepoint or auto")
-        path, reason = "fentry", "asked for fentry"
-    elif probe == "kprobe":
+        return "fentry", "asked for fentry"
+    if probe == "kprobe":
         if not kprobes_ok:
             raise AuditorError(f"-I ebpf:probe:kprobe: {kprobes_why}; use ebpf:probe:cgroup, tracepoint or auto")
-        path, reason = "kprobe", "asked for kprobes"
-    elif probe == "cgroup":
+        return "kprobe", "asked for kprobes"
+    if probe == "cgroup":
         if not cgroup_ok:
             raise AuditorError(f"-I ebpf:probe:cgroup: {why_not_cgroup}; use ebpf:probe:tracepoint or auto")
-        path, reason = "cgroup", "asked for the cgroup connect hooks"
-    elif probe == "tracepoint":
+        return "cgroup", "asked for the cgroup connect hooks"
+    if probe == "tracepoint":
         if not tracepoint_ok:
             raise AuditorError(
                 "-I ebpf:probe:tracepoint: sock:inet_sock_set_state not found (kernel 4.16+ and tracefs needed)"
             )
-        path, reason = "tracepoint", "asked for the tracepoint"
+        return "tracepoint", "asked for the tracepoint"
     # auto: the cheapest path per connect that loads here, by the programs' run times measured side
     # by side on Debian's stock kernels (docs/benchmarks.md): the cgroup hook (its program reads the
     # address from its context, and UDP's hooks share it), fentry, kprobes, the tracepoint.
-    elif cgroup_ok:
-        path, reason = "cgroup", "auto: the cheapest per connect"
-    elif fentry_ok:
-        path, reason = "fentry", f"auto: for the cgroup hooks {why_not_cgroup}"
-    elif kprobes_ok:
-        path, reason = "kprobe", f"auto: for the cgroup hooks {why_not_cgroup}; {fentry_why}"
-    elif tracepoint_ok:
-        path, reason = "tracepoint", f"auto: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}"
-    else:
-        raise AuditorError(
-            f"no TCP connect hook: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}, and "
-            "tracepoint sock:inet_sock_set_state is missing (mount -t tracefs tracefs /sys/kernel/tracing)"
-        )
-    if buffer == "auto" and not ring_ok:
-        reason += "; no ring buffer before 5.8"
-    udp_path, udp_why = _plan_udp(udp, chosen == "ringbuf", cgroup_root)
-    dns_ok = cgroup_root is not None and chosen == "ringbuf"
+    if cgroup_ok:
+        return "cgroup", "auto: the cheapest per connect"
+    if fentry_ok:
+        return "fentry", f"auto: for the cgroup hooks {why_not_cgroup}"
+    if kprobes_ok:
+        return "kprobe", f"auto: for the cgroup hooks {why_not_cgroup}; {fentry_why}"
+    if tracepoint_ok:
+        return "tracepoint", f"auto: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}"
+    raise AuditorError(
+        f"no TCP connect hook: for the cgroup hooks {why_not_cgroup}, {fentry_why}, {kprobes_why}, and "
+        "tracepoint sock:inet_sock_set_state is missing (mount -t tracefs tracefs /sys/kernel/tracing)"
+    )
+
+
+def _plan_dns(dns: str, dns_ok: bool) -> bool:
+    """Whether DNS answers are read: on needs cgroup v2 and the ring buffer, auto takes them where there."""
     if dns == "on" and not dns_ok:
         raise AuditorError("-I ebpf:dns:on: DNS answers need cgroup v2 and the BPF ring buffer; use auto or off")
     # auto: on where the kernel allows it, for callers that want names without failing
-    use_dns = dns == "on" or (dns == "auto" and dns_ok)
+    return dns == "on" or (dns == "auto" and dns_ok)
+
+
+def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") -> AttachPlan:
+    """Decide the attach paths and buffer from what the kernel offers."""
+    ring_ok = host.ringbuf_supported()
+    chosen = _plan_buffer(buffer, ring_ok)
+    cgroup_root = host.cgroup2_root()
+    # The cgroup programs (and the DNS one among them) use helpers that came with the ring buffer (5.8).
+    cgroup_ok = cgroup_root is not None and chosen == "ringbuf"
+    path, reason = _plan_tcp(probe, cgroup_ok, _why_not_cgroup(cgroup_root))
+    if buffer == "auto" and not ring_ok:
+        reason += "; no ring buffer before 5.8"
+    udp_path, udp_why = _plan_udp(udp, chosen == "ringbuf", cgroup_root)
+    use_dns = _plan_dns(dns, cgroup_ok)
     if udp_path != "cgroup" or dns != "auto" or not use_dns:
         reason += f"; {udp_why}" + (
             "" if use_dns or dns == "off" else "; no DNS names: needs cgroup v2 and ring buffer"

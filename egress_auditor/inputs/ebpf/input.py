@@ -4,16 +4,15 @@ TCP connects (cgroup connect hooks, fentry, kprobes or tracepoint), UDP destinat
 sock_addr hooks or syscall tracepoints) and DNS answers (cgroup_skb ingress). Repeats of
 a flow are counted in the kernel: in the flow map, and once sync() has given
 the flow a slot, in its count line (count_lines.py); only a flow's first
-connect in a generation of the flow map arrives as an event. sync() flips the
-generation (generations.py), folds what the old one counted into the flow
-table, recovers any flow whose event was lost, and empties it.
+connect in a generation of the flow map arrives as an event (decoded by
+decode.py). sync() flips the generation, folds what the old one counted into
+the flow table and recovers any flow whose event was lost (generations.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +23,12 @@ from egress_auditor.inputs import Emit, InputStats, OnCount
 from egress_auditor.inputs.ebpf import build
 from egress_auditor.inputs.ebpf.build import count_line_flags, count_lines_for
 from egress_auditor.inputs.ebpf.count_lines import CountLines
-from egress_auditor.inputs.ebpf.decode import (
-    EVENT_MAP_FULL,
-    FLOW_KEY_FIELDS,
-    STAT_EVENTS_LOST,
-    STAT_MAP_FULL,
-    copy_field,
-    decode_comm,
-    to_address,
-)
-from egress_auditor.inputs.ebpf.generations import MARK_FAMILY, FlowGenerations
-from egress_auditor.inputs.ebpf.maps import Chunk, FlowMapReader
+from egress_auditor.inputs.ebpf.decode import EVENT_MAP_FULL, STAT_EVENTS_LOST, STAT_MAP_FULL, Decoder
+from egress_auditor.inputs.ebpf.generations import FlowGenerations, GenerationLedger
 from egress_auditor.inputs.ebpf.plan import AttachPlan, plan_attach
-from egress_auditor.model import Connection, Family, FlowKey, Process, Transport
+from egress_auditor.model import Connection
 from egress_auditor.plugins import Option, Plugin, positive_int
 
-# The generation is flipped at once when it may hold this share of max_flows (new-flow events
-# read plus events lost since its flip): taken out of the kernel before it fills, even in a burst.
-FLIP_SHARE = 0.25
 FLIP_CHECK = 128  # connections handed over between checks: the caller may spend 100 us and more on each
 # Flows (and count lines) a kernel map may be asked for: a flow map entry takes about 200 bytes of kernel memory.
 MAX_FLOWS_LIMIT = 1 << 24
@@ -58,21 +45,9 @@ class EbpfInput:
         self.bpf: Any = None
         self.plan: AttachPlan | None = None
         self.names = DnsNames()  # the DNS answers read are learned here: the run names connections (enrich.py)
-        self._gens: FlowGenerations | None = None
-        # Per epoch of a generation not yet drained: flow map keys (raw bytes) whose event arrived.
-        # A key of a drained generation missing here lost its event, and is recovered from the map.
-        self._announced: dict[int, set[bytes]] = {}
-        self._drained_epoch = 0  # generations up to this epoch are settled: their late events are dropped
-        self._lost_at_flip = 0  # events lost when the live generation began
-        # Generations taken out of the kernel, not settled yet: (epoch, flip time, raw chunks). One is
-        # settled once the events are read past its flip; then its flows that lack their event wait
-        # in _recover (raw key, first_ns), and its counts beyond the first connect in _folds.
-        self._taken: deque[tuple[int, int, list[Chunk]]] = deque()
-        self._recover: deque[tuple[bytes, int]] = deque()
-        self._folds: list[tuple[bytes, int, int, int, int]] = []  # (raw key, connects added, last_ns, fp, fp2)
+        self._decoder: Decoder | None = None
+        self._ledger: GenerationLedger | None = None
         self._read_upto_ns = 0  # every event written before this CLOCK_MONOTONIC time has been read
-        self._ports: dict[int, int] = {}  # one int object per port number, shared by its flows
-        self._reader = FlowMapReader()
         self._pending: list[Connection] = []
         self._batch_full = False  # the last poll stopped at POLL_BATCH: more may wait in the ring buffer
         self._last_event_ns = 0
@@ -114,7 +89,7 @@ class EbpfInput:
             self.bpf = self._build_plan(src, cflags, identity)
             if lines:
                 self._lines = CountLines(self.bpf["count_lines"].map_fd, lines)
-            self._gens = FlowGenerations(self.bpf)
+            self._bind(FlowGenerations(self.bpf))
             if self.plan.tcp_hook == "kprobe":
                 self.bpf.attach_kprobe(event=b"tcp_v4_connect", fn_name=b"trace_v4")
                 self.bpf.attach_kprobe(event=b"tcp_v6_connect", fn_name=b"trace_v6")
@@ -148,7 +123,7 @@ class EbpfInput:
             self.plan = dataclasses.replace(self.plan, dns=False, reason=self.plan.reason + note)
         return self._build(build.program_text(self.plan.pieces(), src), [*self.plan.cflags(), *cflags], identity)
 
-    def _build(self, text: str, cflags: list[str], identity: list[str]) -> Any:
+    def _build(self, text: bytes, cflags: list[str], identity: list[str]) -> Any:
         """The BPF object, names and uids read from the task where the kernel lets these programs do
         so: one whose cgroup programs lack bpf_get_current_task_btf refuses them at load, and gets the
         helpers instead."""
@@ -160,7 +135,7 @@ class EbpfInput:
                 self.identity_from_task = False
         return self._load(text, cflags)
 
-    def _load(self, text: str, cflags: list[str]) -> Any:
+    def _load(self, text: bytes, cflags: list[str]) -> Any:
         assert self.plan is not None
         return build.load(self.plan, text, cflags)
 
@@ -186,15 +161,25 @@ class EbpfInput:
         assert self.plan is not None and self.plan.cgroup_root is not None
         self.cgroup.attach(self.bpf, self.plan.cgroup_root, programs)
 
+    def _bind(self, gens: FlowGenerations) -> None:
+        """The decoder and generations' ledger of the loaded object, whose flow map is in `gens`."""
+        flows = self.bpf["flows"]
+        self._decoder = Decoder(flows.Key, self.name, self._epoch_offset)
+        self._ledger = GenerationLedger(gens, flows, self._events_lost)
+
+    def _events_lost(self) -> int:
+        return int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
+
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
+        assert self._decoder is not None and self._ledger is not None
         event = self.bpf["events"].event(data)
         if event.flags != EVENT_MAP_FULL:
-            if event.epoch <= self._drained_epoch:
+            if self._ledger.is_settled(event.epoch):
                 # Read after its generation was drained (its record was behind one still being
                 # written): the flow was recovered from the map then, with this very connect.
                 return 0
-            self._announced.setdefault(event.epoch, set()).add(self._raw_key(event))
-        self._pending.append(self._connection(event))
+            self._ledger.announce(event.epoch, self._decoder.raw_key(event))
+        self._pending.append(self._decoder.connection(event))
         self._last_event_ns = event.ts_ns
         # Below zero, libbpf stops reading the ring buffer (this event is kept); perf buffers ignore it.
         self._batch_full = len(self._pending) >= POLL_BATCH
@@ -203,48 +188,16 @@ class EbpfInput:
     def _on_dns(self, _ctx: Any, data: Any, _size: int) -> None:
         build.learn_answer(self.names, self.bpf["dns_events"].event(data), self._epoch_offset)
 
-    def _raw_key(self, event: Any) -> bytes:
-        """The flow map's key for an event, as the kernel built it (same fields, zeroed padding)."""
-        key = self.bpf["flows"].Key()
-        for name in FLOW_KEY_FIELDS:
-            copy_field(key, event, name)
-        return bytes(key)
-
-    def _port(self, port: int) -> int:
-        return self._ports.setdefault(port, port)
-
-    def _connection(self, event: Any) -> Connection:
-        family = Family(event.family)
-        comm = decode_comm(bytes(event.comm))
-        src = to_address(family, event.saddr)
-        return Connection(
-            time=event.ts_ns / 1e9 + self._epoch_offset,
-            protocol=Transport(event.protocol),
-            family=family,
-            src=None if src.is_unspecified else src,
-            sport=event.sport or None,  # 0: not chosen yet at this hook
-            dst=to_address(family, event.daddr),
-            dport=self._port(event.dport),
-            pid=event.pid or None,
-            uid=event.uid,
-            gid=event.gid,
-            comm=comm,
-            input=self.name,
-            process=Process(pid=event.pid or None, name=comm, uid=event.uid),
-            tid=event.tid or None,
-            cgroup_id=event.cgroup_id or None,
-        )
-
     def poll(self, timeout_s: float, emit: Emit) -> None:
         self._poll(timeout_s, emit, recover=False)
 
     def _poll(self, timeout_s: float, emit: Emit, recover: bool) -> None:
         """Events first: flows recovered from the map wait while more events do (`recover`: not)."""
-        if self.plan is None or self.bpf is None:
+        if self.plan is None or self.bpf is None or self._ledger is None:
             return
         self._read_events(timeout_s)
         self._maybe_flip()
-        self._settle()
+        self._ledger.settle(self._read_upto_ns)
         pending, self._pending = self._pending, []
         for i, conn in enumerate(pending, 1):
             emit(conn)
@@ -278,141 +231,80 @@ class EbpfInput:
         while self._read_upto_ns < cutoff_ns:
             self.poll(0, emit)
 
-    def _flip_due(self) -> bool:
-        """Whether the live generation may be filling: FLIP_SHARE of max_flows, counting every
-        new-flow event read and every event lost since its flip."""
-        assert self._gens is not None
-        live = len(self._announced.get(self._gens.epoch, ()))
-        lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value) - self._lost_at_flip
-        return live + lost >= self.options["max_flows"] * FLIP_SHARE
-
     def _maybe_flip(self) -> None:
-        if self._flip_due():
-            self._flip()
-
-    def _flip(self) -> int:
-        """Count in the other generation; take the old one out of the kernel (it is empty after).
-        Returns the time of the flip: every event of the old generation was written before it."""
-        assert self._gens is not None
-        lost = int(self.bpf["stats"].sum(STAT_EVENTS_LOST).value)
-        old, epoch = self._gens.flip()
-        flipped = time.monotonic_ns()
-        self._lost_at_flip = lost
-        self._taken.append((epoch, flipped, self._reader.take(old)))
-        return flipped
-
-    def _settle(self) -> None:
-        """Settle each taken generation whose events have all been read (or lost): a key with no
-        event of its epoch lost it, and is queued for recovery; counts beyond the first connect
-        are queued for the next sync."""
-        family_at = self._family_at
-        table = self.bpf["flows"]
-        while self._taken and self._taken[0][1] <= self._read_upto_ns:
-            epoch, _flipped, chunks = self._taken.popleft()
-            announced = self._announced.pop(epoch, set())
-            self._drained_epoch = epoch
-            for raw, count, first_ns, last_ns, fp, fp2 in self._reader.parse(table, chunks):
-                if raw[family_at] == MARK_FAMILY:
-                    continue
-                if raw not in announced:
-                    self._recover.append((raw, first_ns))
-                if count > 1:
-                    self._folds.append((raw, count - 1, last_ns, fp, fp2))
+        assert self._ledger is not None
+        if self._ledger.flip_due(self.options["max_flows"]):
+            self._ledger.flip()
 
     def _emit_recovered(self, emit: Emit, limit: int) -> None:
-        for i in range(1, min(limit, len(self._recover)) + 1):
-            raw, first_ns = self._recover.popleft()
-            emit(self._recovered(self._flow_key(raw), first_ns))
+        assert self._decoder is not None and self._ledger is not None
+        recover = self._ledger.recover
+        for i in range(1, min(limit, len(recover)) + 1):
+            emit(self._decoder.recovered(*recover.popleft()))
             if i % FLIP_CHECK == 0:
                 self._maybe_flip()
 
     def sync(self, emit: Emit, on_count: OnCount) -> None:
         """Flip the flow map's generation and settle every generation taken so far: flows whose
-        event was lost are emitted from the map, then `on_count` gets each flow's connects beyond
+        event was lost are emitted from the map, then `on_count` gets each flow's connections beyond
         the one its event (or recovery) carried, and those counted in count lines since.
 
         A flip returns once no program can count in the old generation any more, so every event
         counted there is in the buffer or lost: the buffer is read up to the flip first, and a key
         with no event of its epoch by then lost it (an event still read later is dropped)."""
-        if self.bpf is None or self._gens is None:
+        if self.bpf is None or self._ledger is None:
             return
-        flipped = self._flip()
+        flipped = self._ledger.flip()
         for _ in range(SYNC_PASSES):
-            self._drain(flipped, emit)
-            self._settle()
-            # The flows of these counts are all in the table once the recoveries queued so far are
-            # emitted; events are read between batches, and generations settled meanwhile wait.
-            folds, self._folds = self._folds, []
-            for _ in range(-(-len(self._recover) // RECOVER_BATCH)):
-                self._poll(0, emit, recover=True)
-            lines = self._lines
-            for raw, added, last_ns, fp, fp2 in folds:
-                # A flow that repeats gets a slot in its count line: its later repeats are counted there.
-                if lines is not None and fp:
-                    lines.claim(fp, fp2, raw)
-                on_count(self._flow_key(raw), added, last_ns / 1e9 + self._epoch_offset)
-            if not self._taken:  # else a burst went on: flipped again meanwhile
+            self._settle_up_to(flipped, emit, on_count)
+            newest = self._ledger.newest_flip()
+            if newest is None:  # else a burst went on: flipped again meanwhile
                 break
-            flipped = self._taken[-1][1]
+            flipped = newest
         if self._lines is not None:
             self._fold_lines(self._lines, on_count)
 
-    @property
-    def _family_at(self) -> int:
-        return int(self.bpf["flows"].Key.family.offset)
-
-    def _recovered(self, flow: FlowKey, first_ns: int) -> Connection:
-        """A flow whose event was lost, as the map knows it: no process beyond name and uid."""
-        return Connection(
-            time=first_ns / 1e9 + self._epoch_offset,
-            protocol=flow.protocol,
-            family=flow.family,
-            src=None,
-            sport=None,
-            dst=flow.dst,
-            dport=flow.dport,
-            pid=None,
-            uid=flow.uid,
-            gid=None,
-            comm=flow.comm,
-            input=self.name,
-            process=Process(pid=None, name=flow.comm, uid=flow.uid),
-        )
+    def _settle_up_to(self, flipped: int, emit: Emit, on_count: OnCount) -> None:
+        """One pass of sync: read the events up to the flip, settle, recover, then fold the counts."""
+        assert self._decoder is not None and self._ledger is not None
+        self._drain(flipped, emit)
+        self._ledger.settle(self._read_upto_ns)
+        # The flows of these counts are all in the table once the recoveries queued so far are
+        # emitted; events are read between batches, and generations settled meanwhile wait.
+        folds = self._ledger.take_folds()
+        for _ in range(-(-len(self._ledger.recover) // RECOVER_BATCH)):
+            self._poll(0, emit, recover=True)
+        lines = self._lines
+        for raw, added, last_ns, fp, fp2 in folds:
+            # A flow that repeats gets a slot in its count line: its later repeats are counted there.
+            if lines is not None and fp:
+                lines.claim(fp, fp2, raw)
+            on_count(self._decoder.flow_key(raw), added, self._decoder.wall_time(last_ns))
 
     def _fold_lines(self, lines: CountLines, on_count: OnCount) -> None:
         """Connects counted in count lines since the last sync (their flows have left the map)."""
+        assert self._decoder is not None
         for slot in lines.claimed:
             total = lines.count(slot)
             if total != lines.reported[slot]:
                 added, lines.reported[slot] = total - lines.reported[slot], total
                 owner = lines.owner[slot]
                 assert owner is not None
-                on_count(self._flow_key(owner), added, lines.last_ns(slot) / 1e9 + self._epoch_offset)
-
-    def _flow_key(self, raw: bytes) -> FlowKey:
-        """The flow of a flow map key, as the kernel built it."""
-        key = self.bpf["flows"].Key.from_buffer_copy(raw)
-        family = Family(key.family)
-        dst = to_address(family, key.daddr)
-        comm = decode_comm(bytes(key.comm))
-        return FlowKey(Transport(key.protocol), family, dst, self._port(key.dport), key.uid, comm)
+                on_count(self._decoder.flow_key(owner), added, self._decoder.wall_time(lines.last_ns(slot)))
 
     def stats(self) -> InputStats:
         if self.bpf is None:
             return InputStats()
-        table = self.bpf["stats"]
         # perf buffer losses are already counted in the kernel when perf_submit fails. Connects are
         # not counted apart: sync hands each flow's count to the flow table, which adds them up.
-        return InputStats(
-            events_lost=int(table.sum(STAT_EVENTS_LOST).value), map_full=int(table.sum(STAT_MAP_FULL).value)
-        )
+        return InputStats(events_lost=self._events_lost(), map_full=int(self.bpf["stats"].sum(STAT_MAP_FULL).value))
 
     def close(self) -> None:
         self.cgroup.close()
         if self._lines is not None:
             self._lines.close()
             self._lines = None
-        self._gens = None
+        self._ledger = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
