@@ -14,7 +14,7 @@ from rich.table import Table
 from egress_auditor import __version__
 from egress_auditor.capture.flows import FLOW_CAP
 from egress_auditor.errors import AuditorError, UsageError
-from egress_auditor.host import facts as host
+from egress_auditor.host import doctor
 from egress_auditor.host.compiler import show_warnings
 from egress_auditor.plugins import registered, select
 
@@ -303,10 +303,10 @@ def list_command() -> None:
     list_plugins()
 
 
-@app.command()
-def doctor() -> None:
+@app.command("doctor")
+def doctor_command() -> None:
     """Show what this host offers and lacks for egress-auditor, with fixes."""
-    results = host.checks()
+    results = doctor.checks()
     table = Table(title="egress-auditor doctor")
     for column in ("check", "state", "detail", "fix"):
         table.add_column(column, overflow="fold")  # a fix cut short is no fix

@@ -44,7 +44,7 @@ from egress_auditor.capture.reader import Capture, merge_flows
 from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
 from egress_auditor.display.live import Display
 from egress_auditor.escape import terminal_text
-from egress_auditor.host import facts as host
+from egress_auditor.host import actions
 from egress_auditor.inputs import Input, InputStats
 from egress_auditor.model import Connection, Flow, FlowKey, Summary
 from egress_auditor.outputs import Output
@@ -256,7 +256,7 @@ class TraceRun:
                     file=self.stderr,
                 )
             self._open_lineage()
-            host.release_freed_heap()
+            actions.release_freed_heap()
             if self.command is not None:
                 self._stop_if_signalled()
                 self.command.start(unblock=set(STOP_SIGNALS))

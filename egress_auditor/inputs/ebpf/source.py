@@ -19,6 +19,7 @@ from typing import Any
 
 from egress_auditor.attribution.names import DnsNames
 from egress_auditor.errors import AuditorError
+from egress_auditor.host import actions
 from egress_auditor.host import facts as host
 from egress_auditor.inputs import Emit, InputStats, OnCount
 from egress_auditor.inputs.ebpf import build
@@ -90,7 +91,7 @@ class EbpfInput:
             raise AuditorError(problem)
         mounted = ""
         if host.tracefs() is None and self.options["probe"] not in ("kprobe", "fentry"):
-            if host.mount_tracefs() is None:
+            if actions.mount_tracefs() is None:
                 raise AuditorError(
                     "tracefs is not mounted and could not be: mount -t tracefs tracefs /sys/kernel/tracing"
                 )
