@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"connect_variants: --flows must be a multiple of {PORTS}")
     from bcc import BPF, BPFAttachType
 
-    from egress_auditor.host import facts as host
+    from egress_auditor.host import facts
 
-    root = host.cgroup2_root()
+    root = facts.cgroup2_root()
     if root is None:
         raise SystemExit("connect_variants: no cgroup v2 mount")
     builds: dict[str, tuple[Any, Any]] = {}

@@ -200,9 +200,9 @@ def other_tracers(own: set[int]) -> int:
 def programs_on_cgroup_root() -> int:
     """Programs attached at the cgroup v2 root: one attached without a link outlives its process
     (a crashed experiment) and runs on every connect or packet, unseen by other_tracers()."""
-    from egress_auditor.host import facts as host
+    from egress_auditor.host import facts
 
-    root = host.cgroup2_root()
+    root = facts.cgroup2_root()
     if root is None or shutil.which("bpftool") is None:
         return 0
     out = subprocess.run(["bpftool", "cgroup", "show", str(root)], capture_output=True, text=True, check=False)

@@ -81,9 +81,9 @@ def hook_cost(ns: Namespace, loadgen: Path, rounds: int) -> dict[str, dict[str, 
         "cgroup_skb egress": (b"empty_skb", BPF.CGROUP_SKB, BPFAttachType.CGROUP_INET_EGRESS),
         "connect4": (b"empty_addr", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
     }
-    from egress_auditor.host import facts as host
+    from egress_auditor.host import facts
 
-    root = host.cgroup2_root()
+    root = facts.cgroup2_root()
     if root is None:
         raise SystemExit("program_cost: no cgroup v2 mount")
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)

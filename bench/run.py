@@ -383,9 +383,9 @@ def empty_connect4() -> Iterator[int]:
     from bcc import BPF, BPFAttachType
 
     from bench.connect_variants import prog_id
-    from egress_auditor.host import facts as host
+    from egress_auditor.host import facts
 
-    root = host.cgroup2_root()
+    root = facts.cgroup2_root()
     if root is None:
         raise SystemExit("bench: no cgroup v2 mount")
     kind = BPFAttachType.CGROUP_INET4_CONNECT

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import sys
 
@@ -14,7 +13,7 @@ from rich.table import Table
 from egress_auditor import __version__
 from egress_auditor.capture.flows import FLOW_CAP
 from egress_auditor.errors import AuditorError, UsageError
-from egress_auditor.host import facts as host
+from egress_auditor.host import doctor
 from egress_auditor.host.compiler import show_warnings
 from egress_auditor.plugins import registered, select
 
@@ -60,6 +59,10 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
 
 
+def optional_duration(text: str | None) -> float | None:
+    return parse_duration(text) if text is not None else None
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"egress-auditor {__version__}")
@@ -82,6 +85,52 @@ def root(
     """See which outbound connections a host makes, and write the rules that allow them."""
 
 
+# trace's options whose help runs over a line: declared here, so trace() reads as its parameters and one call.
+SUMMARY_EVERY_OPTION = typer.Option(
+    None,
+    "--summary-every",
+    help="Without the live table: a summary line on stderr this often (flows, connections, "
+    "events lost, memory): 10m, 1h.",
+)
+NO_LINEAGE_OPTION = typer.Option(
+    False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
+)
+BASELINE_OPTION = typer.Option(
+    [],
+    "--baseline",
+    help="Captures of known traffic (repeatable): report only what they do not cover; exit 3 if anything drifted.",
+)
+SNAPSHOT_EVERY_OPTION = typer.Option(
+    None,
+    "--snapshot-every",
+    metavar="DURATION",
+    help="Every DURATION (10m), rewrite the rule files (iptables:dir, nftables:file) as a stop would, and "
+    "append a checkpoint of every flow's counts to json:file. SIGUSR1 asks for a snapshot at once.",
+)
+RESUME_OPTION = typer.Option(
+    [],
+    "--resume",
+    metavar="FILE",
+    help="Carry on from a capture written by -o json (repeatable): its flows and counts are in the rules and "
+    "the summary. With -O json:file: on the same file, the run appends to what it resumed from.",
+)
+FLOW_CAP_OPTION = typer.Option(
+    FLOW_CAP,
+    "--flow-cap",
+    min=1,
+    metavar="N",
+    help="Flows held with their own destination (about 450 bytes each); past N, new destinations are held "
+    "as /24 (IPv6 /64) networks, past 1.5 N as /16 (/48), past 2 N only counted. The rules' header says so.",
+)
+COMMAND_ARGUMENT = typer.Argument(
+    None,
+    metavar="[-- CMD ARGS...]",
+    help="Run CMD (as the sudo user) in a cgroup of its own, record only its connections and its "
+    "descendants', stop when it exits, and exit with its status. Its stdout goes to stderr.",
+    show_default=False,
+)
+
+
 @app.command(epilog=TRACE_EPILOG)
 def trace(
     duration: str | None = typer.Option(None, "--duration", "-t", help="Stop after this long: 60, 90s, 5m, 1h."),
@@ -91,115 +140,36 @@ def trace(
     input_options: list[str] = typer.Option([], "--input-option", "-I", help="plugin:key:value for an input."),
     output_options: list[str] = typer.Option([], "--output-option", "-O", help="plugin:key:value for an output."),
     no_live: bool = typer.Option(False, "--no-live", help="One line per new flow on stderr instead of the live table."),
-    summary_every: str | None = typer.Option(
-        None,
-        "--summary-every",
-        help="Without the live table: a summary line on stderr this often (flows, connections, "
-        "events lost, memory): 10m, 1h.",
-    ),
+    summary_every: str | None = SUMMARY_EVERY_OPTION,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-    no_lineage: bool = typer.Option(
-        False, "--no-lineage", help="Attribute from /proc at event time only, without the kernel's process lineage."
-    ),
-    baselines: list[str] = typer.Option(
-        [],
-        "--baseline",
-        help="Captures of known traffic (repeatable): report only what they do not cover; exit 3 if anything drifted.",
-    ),
+    no_lineage: bool = NO_LINEAGE_OPTION,
+    baselines: list[str] = BASELINE_OPTION,
     raw_cmdlines: bool = typer.Option(False, "--raw-cmdlines", help=RAW_CMDLINES_HELP),
-    snapshot_every: str | None = typer.Option(
-        None,
-        "--snapshot-every",
-        metavar="DURATION",
-        help="Every DURATION (10m), rewrite the rule files (iptables:dir, nftables:file) as a stop would, and "
-        "append a checkpoint of every flow's counts to json:file. SIGUSR1 asks for a snapshot at once.",
-    ),
-    resume: list[str] = typer.Option(
-        [],
-        "--resume",
-        metavar="FILE",
-        help="Carry on from a capture written by -o json (repeatable): its flows and counts are in the rules and "
-        "the summary. With -O json:file: on the same file, the run appends to what it resumed from.",
-    ),
-    flow_cap: int = typer.Option(
-        FLOW_CAP,
-        "--flow-cap",
-        min=1,
-        metavar="N",
-        help="Flows held with their own destination (about 450 bytes each); past N, new destinations are held "
-        "as /24 (IPv6 /64) networks, past 1.5 N as /16 (/48), past 2 N only counted. The rules' header says so.",
-    ),
-    command: list[str] = typer.Argument(
-        None,
-        metavar="[-- CMD ARGS...]",
-        help="Run CMD (as the sudo user) in a cgroup of its own, record only its connections and its "
-        "descendants', stop when it exits, and exit with its status. Its stdout goes to stderr.",
-        show_default=False,
-    ),
+    snapshot_every: str | None = SNAPSHOT_EVERY_OPTION,
+    resume: list[str] = RESUME_OPTION,
+    flow_cap: int = FLOW_CAP_OPTION,
+    command: list[str] = COMMAND_ARGUMENT,
 ) -> None:
     """Watch new outbound connections; print the rules that allow them on exit."""
-    from egress_auditor.attribution.cgroups import cgroup2_where_hidden
-    from egress_auditor.attribution.lineage_tracer import LineageTracer
-    from egress_auditor.capture.flows import FlowTable
-    from egress_auditor.capture.reader import CaptureError, read_resume
-    from egress_auditor.command import AuditedCommand, invoking_user
-    from egress_auditor.display.live import LiveTable, PlainLog
-    from egress_auditor.trace import TraceRun
+    from egress_auditor.trace_setup import TraceOptions, build_trace_run
 
     show_warnings(debug)
-    seconds = parse_duration(duration) if duration is not None else None
-    every = parse_duration(snapshot_every) if snapshot_every is not None else None
-    try:
-        resumed = read_resume(resume, redact=not raw_cmdlines) if resume else None
-    except CaptureError as exc:
-        raise UsageError(f"cannot resume: {exc}") from None
-    for note in resumed.notes if resumed else []:
-        print(f"egress-auditor: {note}", file=sys.stderr)
-    summary_seconds = parse_duration(summary_every) if summary_every is not None else None
-    input_sel = select("input", inputs, input_options, default="ebpf")
-    output_sel = select("output", outputs, output_options, default="iptables")
-    drift = None
-    if baselines:
-        from egress_auditor.capture.baseline import Baseline
-        from egress_auditor.capture.drift import DriftWatch, strictest
-        from egress_auditor.capture.reader import read_captures
-
-        known = read_captures(baselines)
-        for note in known.notes:
-            print(f"egress-auditor: baseline: {note}", file=sys.stderr)
-        scope = strictest(str(o.get("scope", "none")) for o in output_sel.chosen.values())
-        drift = DriftWatch(Baseline.of(known.flows), scope, ", ".join(baselines))
-    table = FlowTable(flow_cap)
-    console = Console(stderr=True)
-    # The command's own output shares the terminal: one line per flow reads better than a redrawn table.
-    plain = no_live or bool(command) or not console.is_terminal
-    display = PlainLog(sys.stderr) if plain else LiveTable(console, table)
-    # Before anything looks for the hierarchy or starts a thread: the mount is this thread's view.
-    # Only what uses cgroup v2 gets one: the eBPF input's hooks, the netfilter inputs' DNS program,
-    # and a command's cgroup.
-    wanted = bool(command) or any(n == "ebpf" or o.get("dns") == "auto" for n, o in input_sel.chosen.items())
-    with cgroup2_where_hidden() if wanted else contextlib.nullcontext() as mounted:
-        if mounted is not None:
-            print(
-                f"egress-auditor: no cgroup v2 mount here (ip netns exec remounts /sys): mounted one at "
-                f"{mounted} for this run, seen by no other process",
-                file=sys.stderr,
-            )
-        run = TraceRun(
-            inputs=input_sel.create(),
-            outputs=output_sel.create(),
-            display=display,
-            duration=seconds,
-            count=count,
-            table=table,
-            lineage=None if no_lineage else LineageTracer(),
-            command=AuditedCommand(command, user=invoking_user()) if command else None,
-            drift=drift,
-            redact=not raw_cmdlines,
-            snapshot_every=every,
-            resumed=resumed,
-            summary_every=summary_seconds,
-        )
+    options = TraceOptions(
+        duration=optional_duration(duration),
+        snapshot_every=optional_duration(snapshot_every),
+        summary_every=optional_duration(summary_every),
+        inputs=select("input", inputs, input_options, default="ebpf"),
+        outputs=select("output", outputs, output_options, default="iptables"),
+        count=count,
+        live=not no_live,
+        lineage=not no_lineage,
+        baselines=baselines,
+        redact=not raw_cmdlines,
+        resume=resume,
+        flow_cap=flow_cap,
+        command=command or [],
+    )
+    with build_trace_run(options) as run:
         status = run.run()
     raise typer.Exit(status)
 
@@ -303,10 +273,10 @@ def list_command() -> None:
     list_plugins()
 
 
-@app.command()
-def doctor() -> None:
+@app.command("doctor")
+def doctor_command() -> None:
     """Show what this host offers and lacks for egress-auditor, with fixes."""
-    results = host.checks()
+    results = doctor.checks()
     table = Table(title="egress-auditor doctor")
     for column in ("check", "state", "detail", "fix"):
         table.add_column(column, overflow="fold")  # a fix cut short is no fix

@@ -8,11 +8,8 @@ the process, the DNS name): an exec that happened before a connect is always
 known by the time that connect is attributed, and so is a DNS answer read in
 the same poll.
 
-With a command (`trace -- CMD`), only connections from the command's cgroup
-are recorded, the run ends when the command exits, and its exit status is
-the run's. Stop signals are then taken with sigtimedwait: one sent by the
-terminal already reached the command (same process group), one sent by
-kill(1) is passed on to it; the rules follow once the command has exited.
+With a command (`trace -- CMD`), a CommandSupervisor (supervisor.py) starts
+it, takes the stop signals meant for it, and its exit ends the run.
 
 A run may carry on from earlier captures (`--resume`): their flows are merged
 into what the firewall outputs write, while the json and loki outputs record
@@ -22,7 +19,6 @@ SIGUSR1) give every output what a stop at that moment would give it.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import socket
 import sys
@@ -35,19 +31,20 @@ from typing import TYPE_CHECKING, Any, TextIO
 import psutil
 
 from egress_auditor.attribution.cgroups import CgroupResolver
-from egress_auditor.attribution.enrich import CommandFilter, DnsNaming, Enricher, Enrichment, ProcessDetail
+from egress_auditor.attribution.enrich import DnsNaming, Enricher, Enrichment, ProcessDetail
 from egress_auditor.attribution.names import DnsNames
 from egress_auditor.attribution.process import Attributor, ProcessResolver
 from egress_auditor.capture.drift import EXIT_DRIFT, DriftWatch
 from egress_auditor.capture.flows import FlowTable
-from egress_auditor.capture.reader import Capture, merge_flows
-from egress_auditor.command import STOP_SIGNALS, AuditedCommand, CommandError
+from egress_auditor.capture.reader import Capture
+from egress_auditor.capture.views import Views, run_views
+from egress_auditor.command import STOP_SIGNALS, AuditedCommand
 from egress_auditor.display.live import Display
-from egress_auditor.escape import terminal_text
-from egress_auditor.host import facts as host
+from egress_auditor.host import actions
 from egress_auditor.inputs import Input, InputStats
-from egress_auditor.model import Connection, Flow, FlowKey, Summary
+from egress_auditor.model import Connection, FlowKey, Summary
 from egress_auditor.outputs import Output
+from egress_auditor.supervisor import CommandSupervisor
 
 if TYPE_CHECKING:
     from egress_auditor.attribution.lineage_tracer import LineageTracer
@@ -57,11 +54,7 @@ POLL_S = 0.1
 SYNC_S = 1.0
 SYNC_SHARE = 0.005  # of the time, at most, spent folding kernel counts (CPU taken from the traced work)
 SYNC_MAX_S = 10.0  # but no longer between syncs: counts shown stay this fresh
-
 STATUS_S = 0.25  # the status reads kernel counters: as often as the live table redraws, no more
-SI_KERNEL = 0x80  # si_code of a signal the terminal sent to its foreground process group
-KILL_AFTER_SIGNALS = 3  # stop requests the command may ignore before its cgroup is killed
-TERM_GRACE_S = 5.0  # after --duration/--count ends a command's run: SIGTERM, then SIGKILL this much later
 
 
 def time_span(seconds: float) -> str:
@@ -102,16 +95,14 @@ class TraceRun:
         self._output_errors: dict[str, str] = {}
         self._started = time.time()
         self._queued: list[Connection] = []
-        self._stop_requests = 0
-        self._term_sent: float | None = None
         self._exit_status = 0
-        self._everything: list[Flow] = []  # every flow of the last view, resumed runs' included
-        self._drifted: list[Flow] = []  # of those, what the baseline does not cover
         if self.attributor is None:
             self.attributor = Attributor(None, self.resolver, self.cgroups)
         self.names = DnsNames()  # fed by the inputs that read DNS answers
-        self._command_filter = CommandFilter(self.command, self.cgroups) if self.command is not None else None
-        enrichers: list[Enricher] = [self._command_filter] if self._command_filter is not None else []
+        self.supervisor = (
+            CommandSupervisor(self.command, self.cgroups, self.stderr) if self.command is not None else None
+        )
+        enrichers: list[Enricher] = [self.supervisor.filter] if self.supervisor is not None else []
         enrichers += [ProcessDetail(self.attributor, self.redact), DnsNaming(self.names)]
         self.enrichment = Enrichment(enrichers)
 
@@ -132,27 +123,9 @@ class TraceRun:
         # SIGHUP asks outputs to reopen their files (logrotate); it does not end the run.
         previous.setdefault(signal.SIGHUP, signal.signal(signal.SIGHUP, self._on_hangup))
         previous.setdefault(signal.SIGUSR1, signal.signal(signal.SIGUSR1, self._on_snapshot))
-        if self.command is not None:
-            # Held pending and read in the loop, so each can be told apart by its sender.
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if self.supervisor is not None:
+            self.supervisor.hold_signals()
         return previous
-
-    def _take_signals(self) -> None:
-        """With a command: pass stop signals on to it (it ends the run by exiting)."""
-        while True:
-            info = signal.sigtimedwait(STOP_SIGNALS, 0)
-            if info is None:
-                return
-            assert self.command is not None
-            if self.command.poll() is not None:
-                self._stop_reason = signal.Signals(info.si_signo).name
-                continue
-            self._stop_requests += 1
-            if self._stop_requests >= KILL_AFTER_SIGNALS:
-                print("egress-auditor: the command ignores stop signals: killing its cgroup", file=self.stderr)
-                self.command.kill_all()
-            elif info.si_code != SI_KERNEL:
-                self.command.send(info.si_signo)
 
     # -- events --------------------------------------------------------------
     def _receive(self, received: Connection) -> None:
@@ -167,9 +140,6 @@ class TraceRun:
         if is_new and self.drift is not None and not self.drift.covers(flow):
             for sink in (*self.outputs, self.display):
                 self._deliver(sink, lambda s: s.drift(conn, flow))
-
-    def _outside(self) -> int:
-        return self._command_filter.outside if self._command_filter is not None else 0
 
     def _deliver(self, sink: Output | Display, call: Callable[[Any], None]) -> None:
         name = sink.name
@@ -191,6 +161,13 @@ class TraceRun:
     def _sync(self) -> None:
         for source in self.inputs:
             source.sync(self._receive, self._on_count)
+
+    def _sync_at_end(self) -> None:
+        """The last counts before a stop or a snapshot writes; those of the last sync if they cannot be read."""
+        try:
+            self._sync()
+        except Exception as exc:
+            print(f"egress-auditor: reading kernel counts failed: {exc}", file=self.stderr)
 
     def _poll(self, timeout_s: float) -> None:
         """Connections first (queued), then the lineage written meanwhile, then attribution."""
@@ -243,11 +220,8 @@ class TraceRun:
         previous = self._install_signals()
         running = False
         try:
-            if self.command is not None:
-                cgroup = self.command.prepare()
-                for source in self.inputs:
-                    # Inputs that can filter in the kernel keep the command's flows apart from the host's.
-                    source.restrict_to_cgroup(cgroup.id, cgroup.depth)
+            if self.supervisor is not None:
+                self.supervisor.prepare(self.inputs)
             for source in self.inputs:
                 source.learn_names(self.names)
                 self._attach.append(f"{source.name}: {source.open()}")
@@ -256,15 +230,9 @@ class TraceRun:
                     file=self.stderr,
                 )
             self._open_lineage()
-            host.release_freed_heap()
-            if self.command is not None:
-                self._stop_if_signalled()
-                self.command.start(unblock=set(STOP_SIGNALS))
-                print(
-                    f"egress-auditor: following the command (pid {self.command.pid}) in cgroup "
-                    f"{terminal_text(self.command.cgroup.relative if self.command.cgroup else '?')}",
-                    file=self.stderr,
-                )
+            actions.release_freed_heap()
+            if self.supervisor is not None:
+                self.supervisor.start()
             self._started = time.time()
             print(RUNNING_LINE, file=self.stderr, flush=True)
             running = True
@@ -281,9 +249,8 @@ class TraceRun:
                 else:
                     self._close_inputs()
             finally:
-                if self.command is not None:
-                    self.command.cleanup()
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+                if self.supervisor is not None:
+                    self.supervisor.cleanup()
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
         return self._exit_status
@@ -302,26 +269,6 @@ class TraceRun:
         self._attach.append(f"lineage: {what}")
         print(f"egress-auditor: process lineage attached: {what}", file=self.stderr)
 
-    def _stop_if_signalled(self) -> None:
-        """A stop signal held while the BPF programs loaded: the command was not running to get it."""
-        pending = signal.sigpending() & set(STOP_SIGNALS)
-        if pending:
-            signum = min(pending)
-            signal.sigtimedwait({signum}, 0)
-            name = signal.Signals(signum).name
-            raise CommandError(f"stopped by {name} before the command started", 128 + signum)
-
-    def _check_command(self) -> None:
-        assert self.command is not None
-        self._take_signals()
-        status = self.command.poll()
-        if status is not None:
-            self._exit_status = status
-            self._stop_reason = "command exited"
-            return
-        if self._term_sent is not None and time.monotonic() - self._term_sent > TERM_GRACE_S:
-            self.command.kill_all()
-
     def _loop(self) -> None:
         next_sync = time.monotonic() + SYNC_S
         synced_at = time.monotonic()
@@ -336,9 +283,10 @@ class TraceRun:
             if self._snapshot_requested or (self.snapshot_every and time.monotonic() >= next_snapshot):
                 self._snapshot()
                 next_snapshot = time.monotonic() + (self.snapshot_every or 0.0)
-            if self.command is not None:
-                self._check_command()
-                if self._stop_reason is not None:
+            if self.supervisor is not None:
+                status = self.supervisor.check()
+                if status is not None:
+                    self._exit_status, self._stop_reason = status, "command exited"
                     break
             if self.duration is not None and now - self._started >= self.duration:
                 if self._end_command("duration"):
@@ -353,7 +301,7 @@ class TraceRun:
                 cost = time.monotonic() - began
                 synced_at = time.monotonic()
                 next_sync = synced_at + min(SYNC_MAX_S, max(SYNC_S, cost / SYNC_SHARE))
-            if self.count is not None and self._connections() >= self.count:
+            if self.count is not None and self._connections_from(self.stats()) >= self.count:
                 self._end_command("count")
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + STATUS_S
@@ -369,12 +317,9 @@ class TraceRun:
 
     def _end_command(self, reason: str) -> bool:
         """--duration or --count reached: stop now, or first ask the command to end (True: stop now)."""
-        if self.command is None or self.command.poll() is not None:
+        if self.supervisor is None or self.supervisor.end():
             self._stop_reason = reason
             return True
-        if self._term_sent is None:
-            self._term_sent = time.monotonic()
-            self.command.send(signal.SIGTERM)
         return False
 
     def _close_inputs(self) -> None:
@@ -384,15 +329,12 @@ class TraceRun:
             except Exception as exc:
                 print(f"egress-auditor: closing {source.name} failed: {exc}", file=self.stderr)
 
-    def _connections(self) -> int:
-        return self._connections_from(self.stats())
-
     def _connections_from(self, stats: InputStats) -> int:
         # With a command, the kernel's host-wide count says nothing about it.
-        return self.table.connections if self.command is not None else max(stats.connections, self.table.connections)
+        return self.table.connections if self.supervisor is not None else max(stats.connections, self.table.connections)
 
-    def _views(self, ended: float, stats: InputStats) -> tuple[list[Flow], Summary, list[Flow], Summary]:
-        """This run's flows and summary, then the same with the resumed runs merged in."""
+    def _views(self, ended: float, stats: InputStats) -> Views:
+        """This run's flows and summary, with the resumed runs and the baseline applied for the rules."""
         summary = Summary(
             started=self._started,
             ended=ended,
@@ -404,54 +346,16 @@ class TraceRun:
             map_full=stats.map_full,
             notes=self.table.limits.notes(self.table.cap),
         )
-        flows: list[Flow] = list(self.table)
-        if self.resumed is None:
-            return self._with_drift(flows, summary, flows, summary)
-        earlier = self.resumed.summary
-        merged = Summary(
-            started=min(earlier.started, summary.started),
-            ended=ended,
-            host=summary.host,
-            inputs=sorted({*summary.inputs, *earlier.inputs}),
-            attach=f"{summary.attach}; resumed {len(self.resumed.flows)} flows of {self.resumed.runs} earlier run(s)",
-            connections=summary.connections + earlier.connections,
-            events_lost=summary.events_lost + earlier.events_lost,
-            map_full=summary.map_full + earlier.map_full,
-            notes=summary.notes,
-        )
-        return self._with_drift(flows, summary, merge_flows([*self.resumed.flows, *flows]), merged)
-
-    def _with_drift(
-        self, flows: list[Flow], summary: Summary, everything: list[Flow], merged: Summary
-    ) -> tuple[list[Flow], Summary, list[Flow], Summary]:
-        """With a baseline, the rules views hold only what it does not cover (and say so)."""
-        self._everything = everything
-        if self.drift is None:
-            return flows, summary, everything, merged
-        # Decided on the final flows: a DNS name applied after the connect can still cover it.
-        self._drifted = self.drift.drifted(everything)
-        merged = dataclasses.replace(merged, notes=[*merged.notes, (
-            f"drift: {len(self._drifted)} of {len(everything)} flows not covered by the baseline "
-            f"{self.drift.source}; the rules below allow those alone"
-        )])  # fmt: skip
-        return flows, summary, self._drifted, merged
-
-    @staticmethod
-    def _view_for(sink: Any, views: tuple[list[Flow], Summary, list[Flow], Summary]) -> tuple[list[Flow], Summary]:
-        # Record streams (json, loki) hold each run's own part; firewall rules cover every run resumed.
-        return (views[0], views[1]) if sink.per_run else (views[2], views[3])
+        return run_views(list(self.table), summary, self.resumed, self.drift)
 
     def _snapshot(self) -> None:
         """What a stop now would write, written now by every output that writes files."""
         self._snapshot_requested = False
-        try:
-            self._sync()
-        except Exception as exc:
-            print(f"egress-auditor: reading kernel counts failed: {exc}", file=self.stderr)
+        self._sync_at_end()
         views = self._views(time.time(), self.stats())
         for sink in self.outputs:
             try:
-                sink.snapshot(*self._view_for(sink, views))
+                sink.snapshot(*views.for_sink(sink))
             except Exception as exc:  # a full disk: what the last snapshot wrote stays, the run goes on
                 name = sink.name or type(sink).__name__
                 print(f"egress-auditor: snapshot of output {name} not written: {exc}", file=self.stderr, flush=True)
@@ -461,30 +365,25 @@ class TraceRun:
             self._poll(0)
         except Exception as exc:
             print(f"egress-auditor: draining the buffers failed: {exc}", file=self.stderr)
-        try:
-            self._sync()
-        except Exception as exc:
-            print(f"egress-auditor: reading kernel counts failed: {exc}", file=self.stderr)
+        self._sync_at_end()
         ended = time.time()
         stats = self.stats()  # one read: the last status line and the summary give the same counts
-        status = self.status(ended, stats)
-        self.display.refresh(status)
+        self.display.refresh(self.status(ended, stats))
         self.display.stop()
         self._close_inputs()
         views = self._views(ended, stats)
-        flows, summary = self._everything, views[3]
-        drifted = self._drifted if self.drift is not None else None
+        flows, summary, drifted = views.everything, views.rules.summary, views.drifted
         texts: list[str] = []
         for sink in self.outputs:
-            self._deliver(sink, lambda s: texts.append(s.finish(*self._view_for(s, views))))
+            self._deliver(sink, lambda s: texts.append(s.finish(*views.for_sink(s))))
         # One write, so a redirect never holds half the rules.
         self.stdout.write("".join(texts))
         self.stdout.flush()
         reason = {"duration": "duration reached", "count": "count reached"}.get(
             self._stop_reason or "", self._stop_reason or "stopped"
         )
-        if self.command is not None:
-            reason += f", exit status {self._exit_status}; {self._outside()} connections from outside it not recorded"
+        if self.supervisor is not None:
+            reason += self.supervisor.outcome(self._exit_status)
         if self.resumed is not None:
             reason += f"; with {len(self.resumed.flows)} flows of {self.resumed.runs} earlier run(s) resumed"
         print(

@@ -14,7 +14,7 @@ import psutil
 
 from egress_auditor.attribution.lineage import PROC_EXEC, Image, Life, ProcessEvent, ProcessTable
 from egress_auditor.errors import AuditorError
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.host.compiler import bpf_source_dir, compile_bpf, compile_unit
 
 # The values below repeat bpf/events.h (EA_PSTAT_*); tests/unit/test_events_header.py checks them.
@@ -57,7 +57,7 @@ def seed_from_proc(table: ProcessTable) -> int:
 
 def tracepoint_fields(category: str, event: str) -> set[str]:
     """Field names of a tracepoint, from its tracefs format (empty if absent)."""
-    root = host.tracefs()
+    root = facts.tracefs()
     if root is None:
         return set()
     try:
@@ -91,16 +91,16 @@ class LineageTracer:
 
     def open(self) -> str:
         """Load and attach, then seed from /proc; returns what is attached."""
-        problem = host.environment_problem()
+        problem = facts.environment_problem()
         if problem:
             raise AuditorError(problem)
-        missing = [f"{c}:{e}" for c, e in NEEDED if not host.tracepoint_exists(c, e)]
+        missing = [f"{c}:{e}" for c, e in NEEDED if not facts.tracepoint_exists(c, e)]
         if missing:
             raise AuditorError(f"process lineage needs tracepoints {', '.join(missing)} (mount tracefs)")
         src = bpf_source_dir()
         cflags = [f"-I{src}", f"-DEA_LINEAGE_PAGES={self.pages}"]
         fork_hook = "task:task_newtask"
-        if not host.tracepoint_exists("task", "task_newtask"):
+        if not facts.tracepoint_exists("task", "task_newtask"):
             cflags.append("-DEA_FORK_SCHED")
             fork_hook = "sched:sched_process_fork"
         if "group_dead" not in tracepoint_fields("sched", "sched_process_exit"):
@@ -114,10 +114,10 @@ class LineageTracer:
         """Load and attach process.bpf.c, reading argv from the stack where the kernel allows it."""
         args_from = ARGS_FROM_STACK
         stack = self.argv_from == "stack" or (
-            self.argv_from == "auto" and host.kernel_has_helpers("get_current_task_btf", "task_pt_regs")
+            self.argv_from == "auto" and facts.kernel_has_helpers("get_current_task_btf", "task_pt_regs")
         )
         if not stack:
-            if not host.tracepoint_exists("syscalls", "sys_enter_execve"):
+            if not facts.tracepoint_exists("syscalls", "sys_enter_execve"):
                 raise AuditorError(
                     "process lineage needs bpf_task_pt_regs (5.15+, with BTF) or syscalls:sys_enter_execve"
                 )

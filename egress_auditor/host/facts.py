@@ -1,7 +1,9 @@
-"""What this host offers: privileges, BCC, headers, tracefs, hooks, binaries.
+"""What this host offers: privileges, BCC, headers, tracefs, hooks, BPF features.
 
-Used by `doctor`, by the eBPF input to choose its attach path, and to turn a
-missing piece into one line that says how to fix it.
+Read-only: probes that load a BPF program or create a map close it at once.
+Used by `doctor` (doctor.py), by the eBPF input to choose its attach path, and
+to turn a missing piece into one line that says how to fix it. What the tool
+changes on the host is in actions.py.
 """
 
 from __future__ import annotations
@@ -11,27 +13,15 @@ import errno
 import importlib.util
 import os
 import platform
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-TRACEPOINTS = (("sock", "inet_sock_set_state"),)
 KPROBE_FUNCTIONS = ("tcp_v4_connect", "tcp_v6_connect")
 SYSCALL_TRACEPOINTS = (("enter", "sendto"), ("enter", "sendmsg"), ("enter", "connect"), ("exit", "connect"))
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _BPF_MAP_CREATE = 0
 _BPF_MAP_TYPE_RINGBUF = 27
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    required: bool = True
 
 
 def effective_capabilities() -> int:
@@ -65,15 +55,6 @@ def tracefs() -> Path | None:
         except OSError:  # EACCES for a non-root user: is_dir() only hides ENOENT
             continue
     return None
-
-
-def mount_tracefs() -> Path | None:
-    """Mount tracefs where the kernel documents it; None if that fails."""
-    target = TRACEFS_CANDIDATES[0]
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"tracefs", str(target).encode(), b"tracefs", 0, None) != 0:
-        return None
-    return tracefs()
 
 
 def tracepoint_exists(category: str, event: str) -> bool:
@@ -170,18 +151,6 @@ def bpf_syscall(command: int, fields: list[int]) -> int:
     return result
 
 
-def release_freed_heap() -> bool:
-    """Give the heap that compiling the BPF programs freed back to the kernel (glibc keeps it
-    otherwise: some 60 MB of private memory for the rest of the run); False where libc has no malloc_trim."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except AttributeError:  # not glibc
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
-    return True
-
-
 def ringbuf_supported() -> bool:
     """Create (and close) a BPF ring buffer map: the kernel's own answer (5.8+)."""
     try:
@@ -227,123 +196,3 @@ def environment_problem() -> str | None:
     if kernel_headers_dir() is None:
         return "no kernel headers for BCC: " + headers_fix()
     return None
-
-
-def checks() -> list[Check]:
-    privileged = has_bpf_privileges()
-    root = tracefs()
-    kprobes_ok, kprobes_detail = kprobes_usable()
-    cgroup_root = cgroup2_root()
-    result = [
-        Check(
-            "root or CAP_BPF+CAP_PERFMON",
-            privileged,
-            "yes" if privileged else f"uid {os.geteuid()}, capabilities missing",
-            "run as root: sudo egress-auditor ...",
-        ),
-        Check(
-            "BCC Python bindings",
-            bcc_importable(),
-            "import bcc",
-            "apt-get install python3-bpfcc (and use a venv with --system-site-packages)",
-        ),
-        Check(
-            "kernel headers",
-            kernel_headers_dir() is not None,
-            str(kernel_headers_dir() or f"/lib/modules/{os.uname().release}/build missing"),
-            headers_fix(),
-        ),
-        Check("tracefs", root is not None, str(root or "not mounted"), "mount -t tracefs tracefs /sys/kernel/tracing"),
-        Check(
-            "kprobes",
-            kprobes_ok,
-            kprobes_detail,
-            "none needed: TCP is seen at the cgroup connect hooks (or the tracepoint) instead",
-            required=False,
-        ),
-        Check(
-            "fentry (BPF trampolines)",
-            *fentry_usable(),
-            "none needed: kprobes, the cgroup connect hooks or the tracepoint are used instead",
-            required=False,
-        ),
-    ]
-    for category, event in TRACEPOINTS:
-        exists = tracepoint_exists(category, event)
-        result.append(
-            Check(
-                f"tracepoint {category}:{event}",
-                exists,
-                "present" if exists else "absent or tracefs not mounted",
-                "mount tracefs; the kernel needs CONFIG_TRACEPOINTS (4.16+)",
-                # Without kprobes or cgroup v2, TCP needs sock:inet_sock_set_state.
-                required=not kprobes_ok and cgroup_root is None,
-            )
-        )
-    result.append(
-        Check(
-            "cgroup v2 (TCP connect, UDP and DNS hooks)",
-            cgroup_root is not None,
-            str(cgroup_root or "not mounted"),
-            "mount -t cgroup2 none /sys/fs/cgroup/unified (else TCP falls back to the tracepoint, UDP to "
-            "syscall tracepoints)",
-            required=False,
-        )
-    )
-    syscalls = all(tracepoint_exists("syscalls", f"sys_{edge}_{call}") for edge, call in SYSCALL_TRACEPOINTS)
-    result.append(
-        Check(
-            "syscall tracepoints (UDP fallback)",
-            syscalls,
-            "present" if syscalls else "absent (CONFIG_FTRACE_SYSCALLS not set?)",
-            "none needed where cgroup v2 and the ring buffer are there",
-            required=False,
-        )
-    )
-    stack_argv = kernel_has_helpers("get_current_task_btf", "task_pt_regs")
-    result.append(
-        Check(
-            "command lines read at exec (bpf_task_pt_regs)",
-            stack_argv,
-            "from the new program's stack" if stack_argv else "absent: read at execve entry instead",
-            "kernel 5.15+ with BTF; else syscall tracepoints are used, which slow every syscall of the host "
-            "by about 10 ns while tracing (or run with --no-lineage)",
-            required=False,
-        )
-    )
-    from egress_auditor.host.btf import task_fields  # late: host is imported by the inputs
-
-    fields = task_fields()
-    result.append(
-        Check(
-            "names and uids read from the task (kernel BTF)",
-            fields is not None,
-            f"task_struct.comm at byte {fields.comm}, .cred at {fields.cred}" if fields else "absent: read by helpers",
-            "kernel 5.11+ with BTF (CONFIG_DEBUG_INFO_BTF) and libbpf 0.5+; else two helpers read them, "
-            "about 70 ns more per connect",
-            required=False,
-        )
-    )
-    if privileged:
-        ring = ringbuf_supported()
-        result.append(
-            Check(
-                "BPF ring buffer",
-                ring,
-                "yes" if ring else "no (kernel before 5.8)",
-                "none needed: the perf buffer is used instead",
-                required=False,
-            )
-        )
-    for binary in ("iptables", "ip6tables", "iptables-restore", "nft"):
-        path = shutil.which(binary)
-        result.append(
-            Check(
-                f"{binary} binary",
-                path is not None,
-                path or "not found",
-                "apt-get install iptables nftables",
-                required=False,
-            )
-        )
-    return result

@@ -22,7 +22,7 @@ from netns import Link, Namespace, http_server
 
 from egress_auditor.capture.flows import FlowTable, flow_key
 from egress_auditor.errors import AuditorError
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir, plan_attach, program_text
 from egress_auditor.model import Connection, Family, FlowKey, Transport
 
@@ -376,7 +376,7 @@ def test_asking_for_fentry_where_the_kernel_refuses_it_fails_with_its_reason(
     open_input: Callable[..., EbpfInput],
 ) -> None:
     """This kernel answers EPERM to an fentry program (tests/vm run the path on kernels that allow it)."""
-    usable, why = host.fentry_usable()
+    usable, why = facts.fentry_usable()
     assert not usable and "Operation not permitted" in why, why
     with pytest.raises(AuditorError) as opened:
         open_input(probe="fentry")

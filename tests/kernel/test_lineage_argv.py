@@ -18,7 +18,7 @@ import pytest
 
 from egress_auditor.attribution.lineage import ARGS_CUT, ProcessEvent, ProcessTable
 from egress_auditor.attribution.lineage_tracer import ARGS_FROM_STACK, ARGS_FROM_SYSCALLS, LineageTracer
-from egress_auditor.host import facts as host
+from egress_auditor.host import doctor, facts
 
 EXEC = 2  # EA_PROC_EXEC
 ARGS_SIZE = 512  # EA_ARGS_SIZE
@@ -61,10 +61,10 @@ def exec_of(tracer: LineageTracer, argv: list[str | bytes], **popen: object) -> 
 
 
 def test_the_stack_path_is_the_default_here_and_attaches_no_syscall_tracepoint() -> None:
-    assert host.kernel_has_helpers("get_current_task_btf", "task_pt_regs")
-    assert not host.kernel_has_helpers("task_pt_regs", "no_such_helper")
-    (doctor,) = [check for check in host.checks() if check.name.startswith("command lines read at exec")]
-    assert doctor.ok and "stack" in doctor.detail and not doctor.required  # what `egress-auditor doctor` shows
+    assert facts.kernel_has_helpers("get_current_task_btf", "task_pt_regs")
+    assert not facts.kernel_has_helpers("task_pt_regs", "no_such_helper")
+    (shown,) = [check for check in doctor.checks() if check.name.startswith("command lines read at exec")]
+    assert shown.ok and "stack" in shown.detail and not shown.required  # what `egress-auditor doctor` shows
     with pytest.raises(ValueError, match="argv_from"):
         LineageTracer(argv_from="proc")
     for argv_from, expected in (("auto", ARGS_FROM_STACK), ("syscalls", ARGS_FROM_SYSCALLS)):

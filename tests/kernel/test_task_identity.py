@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from netns import Link
 
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.host.btf import TASK_COMM_LEN, task_fields
 from egress_auditor.inputs import ebpf
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput, bpf_source_dir
@@ -106,7 +106,7 @@ def test_the_name_is_cut_at_its_first_nul_and_zero_after_it_whatever_follows() -
             args = (ctypes.c_uint64 * 2)(int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
             fields = [fn.fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, ctypes.sizeof(args), 0]  # a raw tracepoint runs once
             address = ctypes.addressof(args)
-            host.bpf_syscall(BPF_PROG_TEST_RUN, [*fields, address & 0xFFFFFFFF, address >> 32])
+            facts.bpf_syscall(BPF_PROG_TEST_RUN, [*fields, address & 0xFFFFFFFF, address >> 32])
             table = bpf["name_out"]
             got = b"".join(table[table.Key(i)].value.to_bytes(8, "little") for i in range(2))
             expected = raw.split(b"\0", 1)[0][: TASK_COMM_LEN - 1].ljust(TASK_COMM_LEN, b"\0")

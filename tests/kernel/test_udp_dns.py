@@ -24,7 +24,7 @@ from netns import Link, http_server
 from egress_auditor.attribution.enrich import DnsNaming
 from egress_auditor.capture.flows import FlowTable
 from egress_auditor.escape import rule_comment, terminal_text
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.inputs.ebpf import PLUGIN, EbpfInput
 from egress_auditor.model import Connection, FlowKey, Transport
 
@@ -108,8 +108,8 @@ class Collector:
 
 def without_send_tracepoint(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on kernels before 6.3: first sends of connected UDP sockets are seen at cgroup_skb egress."""
-    exists = host.tracepoint_exists
-    monkeypatch.setattr(host, "tracepoint_exists", lambda c, e: (c, e) != ("sock", "sock_send_length") and exists(c, e))
+    exists, absent = facts.tracepoint_exists, ("sock", "sock_send_length")
+    monkeypatch.setattr(facts, "tracepoint_exists", lambda c, e: (c, e) != absent and exists(c, e))
 
 
 @pytest.fixture(params=["send-tracepoint", "egress"])
@@ -379,7 +379,7 @@ CGROUP_PROGRAM_NAMES = (
 
 def attached_to_root() -> list[str]:
     """Programs attached to the cgroup v2 root, as bpftool lists them (ids dropped)."""
-    root = str(host.cgroup2_root())
+    root = str(facts.cgroup2_root())
     listing = subprocess.run(["bpftool", "cgroup", "show", root], capture_output=True, text=True, check=True).stdout
     return sorted(" ".join(line.split()[1:]) for line in listing.splitlines()[1:] if line.strip())
 

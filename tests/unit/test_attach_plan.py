@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from egress_auditor.errors import AuditorError
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.inputs.ebpf import SHORT_PATHS, TCP_HOOKS, AttachPlan, plan_attach
 
 
 def offer(monkeypatch: pytest.MonkeyPatch, *, cgroup: bool, fentry: bool, kprobes: bool, ringbuf: bool = True) -> None:
-    monkeypatch.setattr(host, "ringbuf_supported", lambda: ringbuf)
-    monkeypatch.setattr(host, "cgroup2_root", lambda: Path("/sys/fs/cgroup") if cgroup else None)
-    monkeypatch.setattr(host, "fentry_usable", lambda: (fentry, "fentry ok" if fentry else "fentry refused: EPERM"))
-    monkeypatch.setattr(host, "kprobes_usable", lambda: (kprobes, "kprobes ok" if kprobes else "no kprobes"))
-    monkeypatch.setattr(host, "tracepoint_exists", lambda _category, _event: True)
+    monkeypatch.setattr(facts, "ringbuf_supported", lambda: ringbuf)
+    monkeypatch.setattr(facts, "cgroup2_root", lambda: Path("/sys/fs/cgroup") if cgroup else None)
+    monkeypatch.setattr(facts, "fentry_usable", lambda: (fentry, "fentry ok" if fentry else "fentry refused: EPERM"))
+    monkeypatch.setattr(facts, "kprobes_usable", lambda: (kprobes, "kprobes ok" if kprobes else "no kprobes"))
+    monkeypatch.setattr(facts, "tracepoint_exists", lambda _category, _event: True)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_fentry_is_not_tried_when_the_cgroup_hooks_are_taken(monkeypatch: pytest
     def refuse() -> tuple[bool, str]:
         raise AssertionError("loading a probe program is not needed here")
 
-    monkeypatch.setattr(host, "fentry_usable", refuse)
+    monkeypatch.setattr(facts, "fentry_usable", refuse)
     assert plan_attach("auto", "auto").tcp_hook == "cgroup"
 
 

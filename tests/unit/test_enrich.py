@@ -95,7 +95,7 @@ def test_a_trace_run_filters_by_the_command_then_attributes_then_names() -> None
     assert enriched is not None
     assert enriched.process.exe == "/usr/bin/curl" and enriched.hostname == "www.example.test"
     assert command_run.enrichment.enrich(connection(cgroup_id=8, connections=3)) is None
-    assert command_run._outside() == 3
+    assert command_run.supervisor is not None and command_run.supervisor.filter.outside == 3
 
 
 def dns_answer(name: str, address: str) -> bytes:

@@ -1,4 +1,4 @@
-"""host.release_freed_heap() gives freed heap back to the kernel: glibc keeps
+"""actions.release_freed_heap() gives freed heap back to the kernel: glibc keeps
 freed blocks below a live one (as the compiler's leave the auditor's heap after
 the BPF programs are built), so without it the process's private memory stays."""
 
@@ -13,7 +13,7 @@ import pytest
 # alone cannot shrink the heap past it, so RssAnon stays until the heap is trimmed.
 PROGRAM = """
 import ctypes, sys
-from egress_auditor.host import facts as host
+from egress_auditor.host import actions
 
 def anon_mb():
     for line in open("/proc/self/status"):
@@ -30,7 +30,7 @@ for block in blocks[:-1]:
     libc.free(block)
 before = anon_mb()
 trim = sys.argv[1] == "trim"
-released = host.release_freed_heap() if trim else None
+released = actions.release_freed_heap() if trim else None
 print(before, anon_mb(), released)
 """
 

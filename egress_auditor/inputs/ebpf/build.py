@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.host.btf import task_fields
 from egress_auditor.host.compiler import bpf_source_dir, compile_bpf, compile_unit
 from egress_auditor.inputs.ebpf.count_lines import LINE_MUL, line_bits
@@ -98,7 +98,7 @@ class CgroupAttachment:
             attach_type = getattr(BPFAttachType, attach_name)
             fn = built.load_func(function.encode(), getattr(BPF, prog_type), attach_type=attach_type)
             try:
-                self.links.append(host.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, self._cgroup_fd, attach_type, 0]))
+                self.links.append(facts.bpf_syscall(_BPF_LINK_CREATE, [fn.fd, self._cgroup_fd, attach_type, 0]))
             except OSError:
                 BPF.attach_func(fn, self._cgroup_fd, attach_type, _BPF_F_ALLOW_MULTI)
                 self._legacy.append((fn, self._cgroup_fd, attach_type))

@@ -11,7 +11,7 @@ from typing import Any
 
 from egress_auditor.attribution.names import DnsNames
 from egress_auditor.errors import AuditorError
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.host.compiler import compile_bpf
 from egress_auditor.inputs.ebpf import build
 from egress_auditor.inputs.ebpf.decode import STAT_EVENTS_LOST
@@ -33,13 +33,13 @@ class DnsAnswers:
 
     def open(self) -> str:
         """Load and attach; AuditorError in one line where the host cannot run the program."""
-        problem = host.environment_problem()
+        problem = facts.environment_problem()
         if problem:
             raise AuditorError(problem)
-        root = host.cgroup2_root()
+        root = facts.cgroup2_root()
         if root is None:
             raise AuditorError("no cgroup v2 mount")
-        if not host.ringbuf_supported():
+        if not facts.ringbuf_supported():
             raise AuditorError("no BPF ring buffer (5.8+)")
         src = build.bpf_source_dir()
         cflags = [f"-I{src}", "-DEA_DNS", "-DEA_USE_RINGBUF", f"-DEA_DNS_PAGES={self.pages}", *UNUSED_SIZES]

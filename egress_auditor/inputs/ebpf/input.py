@@ -18,7 +18,7 @@ from typing import Any
 
 from egress_auditor.attribution.names import DnsNames
 from egress_auditor.errors import AuditorError
-from egress_auditor.host import facts as host
+from egress_auditor.host import actions, facts
 from egress_auditor.inputs import Emit, InputStats, OnCount
 from egress_auditor.inputs.ebpf import build
 from egress_auditor.inputs.ebpf.build import count_line_flags, count_lines_for
@@ -60,12 +60,12 @@ class EbpfInput:
         self._epoch_offset = time.time() - time.monotonic()
 
     def open(self) -> str:
-        problem = host.environment_problem()
+        problem = facts.environment_problem()
         if problem:
             raise AuditorError(problem)
         mounted = ""
-        if host.tracefs() is None and self.options["probe"] not in ("kprobe", "fentry"):
-            if host.mount_tracefs() is None:
+        if facts.tracefs() is None and self.options["probe"] not in ("kprobe", "fentry"):
+            if actions.mount_tracefs() is None:
                 raise AuditorError(
                     "tracefs is not mounted and could not be: mount -t tracefs tracefs /sys/kernel/tracing"
                 )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egress_auditor.errors import AuditorError
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 
 # (function, program type, attach type) of the programs attached at the cgroup v2 root.
 CONNECT_PROGRAMS = (
@@ -115,7 +115,7 @@ def _why_not_cgroup(cgroup_root: Path | None) -> str:
 
 def _plan_udp(udp: str, ring_ok: bool, cgroup_root: Path | None) -> tuple[str, str]:
     """The UDP path and why: cgroup hooks need cgroup v2 and the ring buffer."""
-    syscalls_ok = all(host.tracepoint_exists("syscalls", f"sys_{e}_{c}") for e, c in host.SYSCALL_TRACEPOINTS)
+    syscalls_ok = all(facts.tracepoint_exists("syscalls", f"sys_{e}_{c}") for e, c in facts.SYSCALL_TRACEPOINTS)
     cgroup_ok = cgroup_root is not None and ring_ok
     why_not_cgroup = _why_not_cgroup(cgroup_root)
     if udp == "off":
@@ -144,11 +144,11 @@ def _plan_buffer(buffer: str, ring_ok: bool) -> str:
 
 def _plan_tcp(probe: str, cgroup_ok: bool, why_not_cgroup: str) -> tuple[str, str]:
     """The TCP hook and why: the one asked for if it is usable here, else with auto the cheapest."""
-    kprobes_ok, kprobes_why = host.kprobes_usable()
-    tracepoint_ok = host.tracepoint_exists("sock", "inet_sock_set_state")
+    kprobes_ok, kprobes_why = facts.kprobes_usable()
+    tracepoint_ok = facts.tracepoint_exists("sock", "inet_sock_set_state")
     # Tried only when it may be chosen: it loads (and attaches) a program.
     asked_or_next = probe == "fentry" or (probe == "auto" and not cgroup_ok)
-    fentry_ok, fentry_why = host.fentry_usable() if asked_or_next else (False, "")
+    fentry_ok, fentry_why = facts.fentry_usable() if asked_or_next else (False, "")
     if probe == "fentry":
         if not fentry_ok:
             raise AuditorError(f"-I ebpf:probe:fentry: {fentry_why}; use ebpf:probe:kprobe, cgroup, tracepoint or auto")
@@ -194,9 +194,9 @@ def _plan_dns(dns: str, dns_ok: bool) -> bool:
 
 def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") -> AttachPlan:
     """Decide the attach paths and buffer from what the kernel offers."""
-    ring_ok = host.ringbuf_supported()
+    ring_ok = facts.ringbuf_supported()
     chosen = _plan_buffer(buffer, ring_ok)
-    cgroup_root = host.cgroup2_root()
+    cgroup_root = facts.cgroup2_root()
     # The cgroup programs (and the DNS one among them) use helpers that came with the ring buffer (5.8).
     cgroup_ok = cgroup_root is not None and chosen == "ringbuf"
     path, reason = _plan_tcp(probe, cgroup_ok, _why_not_cgroup(cgroup_root))
@@ -209,7 +209,7 @@ def plan_attach(probe: str, buffer: str, udp: str = "auto", dns: str = "off") ->
             "" if use_dns or dns == "off" else "; no DNS names: needs cgroup v2 and ring buffer"
         )
     # Raw tracepoints need no tracefs, but its format file tells whether the kernel has this one.
-    send_tp = udp_path == "cgroup" and host.tracepoint_exists("sock", "sock_send_length")
+    send_tp = udp_path == "cgroup" and facts.tracepoint_exists("sock", "sock_send_length")
     return AttachPlan(
         path, chosen, reason, udp_path, use_dns, str(cgroup_root) if cgroup_root else None, udp_send_tp=send_tp
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from egress_auditor.errors import AuditorError
-from egress_auditor.host import facts as host
+from egress_auditor.host import facts
 from egress_auditor.inputs import Emit, InputBase, InputStats
 from egress_auditor.inputs.netfilter import packets
 from egress_auditor.inputs.netfilter.netlink import NetfilterSocket, NetlinkError
@@ -41,7 +41,7 @@ CAP_NET_ADMIN = 12
 
 
 def can_admin_network() -> bool:
-    return bool(host.effective_capabilities() & (1 << CAP_NET_ADMIN))
+    return bool(facts.effective_capabilities() & (1 << CAP_NET_ADMIN))
 
 
 @dataclass(frozen=True)
