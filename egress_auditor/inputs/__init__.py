@@ -1,7 +1,10 @@
-"""Inputs turn what the kernel reports into Connection values.
+"""Inputs: what the kernel reports, as connection events.
 
-`Input` is what a trace run asks of an input; `InputBase` gives the optional
-methods their defaults, so a plugin writes only what it does.
+In: the kernel's events (eBPF: ebpf/) or packets netfilter copies (nflog, nfqueue: netfilter/). Out:
+`Connection` events, translated only; DNS answers feed the run's names.
+
+`Input` is what a trace run asks of an input; `InputBase` gives the optional methods their defaults, so a
+plugin writes only what it does.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Outputs receive every connection and, at the end, every flow.
+"""Outputs: what a run leaves behind.
+
+In: every `Connection` event as it comes and, at the end (or a snapshot), every `Flow` with the run's
+`Summary`. Out: rules text for stdout (iptables, nftables, with rules/), records (json, loki), files.
 
 `Output` is what a trace run asks of an output; `OutputBase` gives the
 optional methods their defaults. An output returns the text for stdout from
