@@ -35,7 +35,8 @@ SERIES = {
     "6.1": re.compile(r"^linux-image-(6\.1\.0-\d+-amd64)$"),
     "6.12": re.compile(r"^linux-image-(6\.12\.\d+\+deb12-amd64)$"),
 }
-HOST_PACKAGES = ("qemu-system-x86", "busybox-static")
+# virtme-ng runs `file` on the kernel image; a minimal Debian has none.
+HOST_PACKAGES = ("qemu-system-x86", "busybox-static", "file")
 BOOT_TIMEOUT_S = 240  # from launch to the stage's first line; TCG boots in about 35 s here
 CANNOT_RUN = 3
 
