@@ -193,7 +193,7 @@ def test_connect_is_reported_with_process_and_destination(
     assert event.family is (Family.IPV4 if family == 4 else Family.IPV6)
     assert event.protocol is Transport.TCP
     # The default path here, the cgroup connect hook, runs before the source address is chosen.
-    assert (event.src, event.sport) == (None, 0)
+    assert (event.src, event.sport) == (None, None)
     assert event.process.pid == pid and event.process.name == comm
     assert abs(event.time - time.time()) < 30
 

@@ -124,7 +124,7 @@ class NetfilterInput(InputBase):
         self.losses = LossCounter()
         self.connections = 0
         self.ignored = 0  # packets that were not a connection's start (a broad rule of the user's)
-        self.connections = 0  # SYN retransmits, and UDP packets before the first reply (conntrack still says NEW)
+        self.retransmits = 0  # SYN retransmits, and UDP packets before the first reply (conntrack still says NEW)
         self._recent: OrderedDict[tuple[Any, ...], float] = OrderedDict()
         self.backlog_dropped = 0
         self._backlog: deque[tuple[float, bytes]] = deque()  # (time received, datagram)
@@ -244,7 +244,7 @@ class NetfilterInput(InputBase):
                 self.ignored += 1
                 continue
             if self._repeated(packet, item.at):
-                self.connections += 1
+                self.retransmits += 1
                 continue
             starts.append((item, packet))
         owners = self.sockets.owners([p for _, p in starts]) if starts else []
