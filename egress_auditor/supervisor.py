@@ -42,9 +42,9 @@ class CommandSupervisor:
     def prepare(self, inputs: Iterable[Input]) -> None:
         """The command's cgroup, before the inputs open."""
         cgroup = self.command.prepare()
-        for source in inputs:
+        for input_ in inputs:
             # Inputs that can filter in the kernel keep the command's flows apart from the host's.
-            source.restrict_to_cgroup(cgroup.id, cgroup.depth)
+            input_.restrict_to_cgroup(cgroup.id, cgroup.depth)
 
     def start(self) -> None:
         self._stop_if_signalled()

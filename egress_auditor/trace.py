@@ -159,8 +159,8 @@ class TraceRun:
         self.table.add_kernel_count(key, added, last_seen)
 
     def _sync(self) -> None:
-        for source in self.inputs:
-            source.sync(self._receive, self._on_count)
+        for input_ in self.inputs:
+            input_.sync(self._receive, self._on_count)
 
     def _sync_at_end(self) -> None:
         """The last counts before a stop or a snapshot writes; those of the last sync if they cannot be read."""
@@ -171,8 +171,8 @@ class TraceRun:
 
     def _poll(self, timeout_s: float) -> None:
         """Connections first (queued), then the lineage written meanwhile, then attribution."""
-        for source in self.inputs:
-            source.poll(timeout_s, self._queued.append)
+        for input_ in self.inputs:
+            input_.poll(timeout_s, self._queued.append)
         if self.lineage is not None:
             self.lineage.consume()
         queued, self._queued = self._queued, []
@@ -181,8 +181,8 @@ class TraceRun:
 
     def stats(self) -> InputStats:
         total = InputStats()
-        for source in self.inputs:
-            s = source.stats()
+        for input_ in self.inputs:
+            s = input_.stats()
             total.connections += s.connections
             total.events_lost += s.events_lost
             total.map_full += s.map_full
@@ -222,11 +222,11 @@ class TraceRun:
         try:
             if self.supervisor is not None:
                 self.supervisor.prepare(self.inputs)
-            for source in self.inputs:
-                source.learn_names(self.names)
-                self._attach.append(f"{source.name}: {source.open()}")
+            for input_ in self.inputs:
+                input_.learn_names(self.names)
+                self._attach.append(f"{input_.name}: {input_.open()}")
                 print(
-                    f"egress-auditor: {source.name} input attached: {self._attach[-1].split(': ', 1)[1]}",
+                    f"egress-auditor: {input_.name} input attached: {self._attach[-1].split(': ', 1)[1]}",
                     file=self.stderr,
                 )
             self._open_lineage()
@@ -323,11 +323,11 @@ class TraceRun:
         return False
 
     def _close_inputs(self) -> None:
-        for source in [*self.inputs, *([self.lineage] if self.lineage is not None else [])]:
+        for opened in [*self.inputs, *([self.lineage] if self.lineage is not None else [])]:
             try:
-                source.close()
+                opened.close()
             except Exception as exc:
-                print(f"egress-auditor: closing {source.name} failed: {exc}", file=self.stderr)
+                print(f"egress-auditor: closing {opened.name} failed: {exc}", file=self.stderr)
 
     def _connections_from(self, stats: InputStats) -> int:
         # With a command, the kernel's host-wide count says nothing about it.

@@ -111,7 +111,7 @@ def _tcp_hooks(kprobes_ok: bool, kprobes_detail: str, cgroup_root: Path | None) 
 
 
 def _syscall_tracepoints() -> Check:
-    present = all(facts.tracepoint_exists("syscalls", f"sys_{edge}_{call}") for edge, call in facts.SYSCALL_TRACEPOINTS)
+    present = facts.syscall_tracepoints_exist()
     return Check(
         "syscall tracepoints (UDP fallback)",
         present,

@@ -15,6 +15,8 @@ import os
 import platform
 from pathlib import Path
 
+from egress_auditor.host.btf import function_btf_ids
+
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 KPROBE_FUNCTIONS = ("tcp_v4_connect", "tcp_v6_connect")
@@ -62,6 +64,11 @@ def tracepoint_exists(category: str, event: str) -> bool:
     return root is not None and (root / "events" / category / event / "format").exists()
 
 
+def syscall_tracepoints_exist() -> bool:
+    """The syscall tracepoints UDP falls back to (CONFIG_FTRACE_SYSCALLS)."""
+    return all(tracepoint_exists("syscalls", f"sys_{edge}_{call}") for edge, call in SYSCALL_TRACEPOINTS)
+
+
 def kernel_has_kprobes() -> bool:
     """The kprobe PMU (what BCC attaches through) exists only with CONFIG_KPROBES."""
     return Path("/sys/bus/event_source/devices/kprobe/type").exists()
@@ -103,8 +110,6 @@ _GPL = b"GPL\0"
 def fentry_usable() -> tuple[bool, str]:
     """Load an empty fentry program on each function the TCP path needs, attach it and detach it
     at once: the kernel's own answer (trampolines, BTF, and a policy that lets them load)."""
-    from egress_auditor.host.btf import function_btf_ids  # late: host is imported by the inputs
-
     ids = function_btf_ids(KPROBE_FUNCTIONS)
     if ids is None:
         return False, "no kernel BTF (or libbpf too old to read it)"

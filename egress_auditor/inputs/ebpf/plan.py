@@ -115,7 +115,7 @@ def _why_not_cgroup(cgroup_root: Path | None) -> str:
 
 def _plan_udp(udp: str, ring_ok: bool, cgroup_root: Path | None) -> tuple[str, str]:
     """The UDP path and why: cgroup hooks need cgroup v2 and the ring buffer."""
-    syscalls_ok = all(facts.tracepoint_exists("syscalls", f"sys_{e}_{c}") for e, c in facts.SYSCALL_TRACEPOINTS)
+    syscalls_ok = facts.syscall_tracepoints_exist()
     cgroup_ok = cgroup_root is not None and ring_ok
     why_not_cgroup = _why_not_cgroup(cgroup_root)
     if udp == "off":
