@@ -216,13 +216,13 @@ def records(capture: Path) -> list[dict]:
 
 
 def checkpoint_count(capture: Path, port: int) -> int | None:
-    """The count the capture's last checkpoint gives the flow to 127.0.0.1:port (None: none holds it)."""
+    """The connections the capture's last checkpoint gives the flow to 127.0.0.1:port (None: none holds it)."""
     found = None
     for record in records(capture):
         if record["type"] == "checkpoint":
             for totals in record["totals"]:
                 if (totals["dst"], totals["dport"]) == ("127.0.0.1", port):
-                    found = totals["count"]
+                    found = totals["connections"]
     return found
 
 
